@@ -1,0 +1,242 @@
+"""Load an InstructPix2Pix base, convert SD1.5 into one, and fingerprint it.
+
+A base is a diffusers `StableDiffusionInstructPix2PixPipeline`: a hub id, a local diffusers folder, or a built-in
+name (`builtin:tiny`, `builtin:tiny-random`). Its fingerprint is a short hash of the UNet config and of every
+cross-attention K/V weight, the only weights adapters may replace; adapters record it and are refused elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+
+from .errors import AdapterkitError
+
+IP2P_TRAINING_RESOLUTION = 256
+BUILTIN_TINY = "builtin:tiny"
+BUILTIN_TINY_RANDOM = "builtin:tiny-random"
+# Written beside model_index.json by bases adapterkit builds: {"resolution": int, ...}.
+BASE_INFO_FILE = "adapterkit_base.json"
+# Config keys that decide whether two UNets are the same network shape.
+_FINGERPRINT_CONFIG_KEYS = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "down_block_types",
+    "up_block_types",
+)
+
+
+@dataclass
+class Base:
+    """A loaded base: the pipeline plus what adapters are checked against."""
+
+    pipe: object  # StableDiffusionInstructPix2PixPipeline
+    name_or_path: str
+    fingerprint: str
+    resolution: int = IP2P_TRAINING_RESOLUTION  # the base's own training resolution when recorded
+    info: dict = field(default_factory=dict)  # contents of adapterkit_base.json, when present
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+
+def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
+    """Module path -> Linear for every attn2 `to_k`/`to_v`, sorted by path.
+
+    With a peft LoRA attached, `to_k` is a wrapper; the returned Linear is always the base layer underneath.
+    """
+    layers = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            layers[name] = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if not layers:
+        raise AdapterkitError("the base UNet has no cross-attention (attn2) layers; is it a Stable Diffusion UNet?")
+    return dict(sorted(layers.items()))
+
+
+def compute_fingerprint(unet) -> str:
+    """16 hex digits of sha256 over the UNet's shape config and its attn2 K/V weights.
+
+    Weights are hashed after rounding to float16, so the same base loaded in fp32 or fp16 has one fingerprint.
+    Compute it on the pristine base, before any adapter changes K/V in place.
+    """
+    digest = hashlib.sha256()
+    config = {k: _jsonable(unet.config.get(k)) for k in _FINGERPRINT_CONFIG_KEYS}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, layer in cross_attention_kv_layers(unet).items():
+        weight = layer.weight.detach().to("cpu", torch.float16).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(weight.shape)).encode())
+        digest.update(weight.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def builtin_tiny_path() -> str:
+    """Folder of the bundled tiny pretrained base (shipped inside the package)."""
+    return str(resources.files("adapterkit") / "demo" / "tiny_base")
+
+
+def load_base(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    convert_sd15: bool = False,
+) -> Base:
+    """Load an IP2P base from a built-in name, a local diffusers folder or a hub id.
+
+    `convert_sd15=True` accepts a 4-channel text-to-image pipeline and converts it (see `convert_sd15_to_ip2p`).
+    Raises AdapterkitError with a one-line fix for: ids not available offline, folders that are not IP2P
+    pipelines, and tokenizers that come back empty.
+    """
+    info: dict = {}
+    if name_or_path == BUILTIN_TINY_RANDOM:
+        from .tiny import make_tiny_pipeline
+
+        pipe = make_tiny_pipeline(seed=0)
+        info = {"resolution": 64}
+    else:
+        path = builtin_tiny_path() if name_or_path == BUILTIN_TINY else name_or_path
+        if name_or_path == BUILTIN_TINY and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise AdapterkitError(
+                "the bundled tiny base is missing from this install; reinstall adapterkit or build it with "
+                "scripts/build_tiny_base.py"
+            )
+        pipe = _from_pretrained(path, name_or_path, dtype, convert_sd15)
+        info_path = os.path.join(path, BASE_INFO_FILE)
+        if os.path.isfile(info_path):
+            with open(info_path, encoding="utf-8") as f:
+                info = json.load(f)
+    _check_tokenizer(pipe, name_or_path)
+    if device is not None or dtype != torch.float32:
+        pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return Base(
+        pipe=pipe,
+        name_or_path=name_or_path,
+        fingerprint=compute_fingerprint(pipe.unet),
+        resolution=int(info.get("resolution", IP2P_TRAINING_RESOLUTION)),
+        info=info,
+    )
+
+
+def _from_pretrained(path: str, name: str, dtype: torch.dtype, convert_sd15: bool):
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    is_local = os.path.isdir(path)
+    if is_local and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise AdapterkitError(f"'{name}' is a folder but not a diffusers pipeline (no model_index.json); pass an IP2P pipeline folder")
+    if not is_local and (os.path.exists(path) or path.startswith(("/", "./", "../", "~"))):
+        raise AdapterkitError(f"base '{name}' is not a folder; pass a diffusers pipeline folder or a hub id")
+    if is_local:
+        class_name = _read_json(os.path.join(path, "model_index.json")).get("_class_name", "")
+        unet_in = _read_json(os.path.join(path, "unet", "config.json")).get("in_channels") if os.path.isfile(
+            os.path.join(path, "unet", "config.json")
+        ) else None
+        if unet_in is None:
+            raise AdapterkitError(f"'{name}' has no unet/config.json; pass a Stable Diffusion or IP2P pipeline folder")
+        if unet_in == 4 and not convert_sd15:
+            raise AdapterkitError(
+                f"'{name}' is a text-to-image pipeline ({class_name}, 4-channel UNet), not InstructPix2Pix; "
+                "convert it with `adapterkit convert-base` or pass convert_sd15=True"
+            )
+        if unet_in not in (4, 8):
+            raise AdapterkitError(f"'{name}' has a {unet_in}-channel UNet; an IP2P base needs 8 input channels")
+    pipeline_class = StableDiffusionPipeline if convert_sd15 else StableDiffusionInstructPix2PixPipeline
+    try:
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        if is_local:
+            raise AdapterkitError(f"cannot load base '{name}': {_first_line(e)}") from e
+        raise AdapterkitError(
+            f"base '{name}' is not available offline (not a local folder, not in the hub cache); "
+            "download it once with network access or pass a local diffusers folder"
+        ) from e
+    if convert_sd15:
+        return convert_sd15_to_ip2p(pipe) if pipe.unet.config.in_channels == 4 else _as_ip2p(pipe)
+    if pipe.unet.config.in_channels != 8:
+        raise AdapterkitError(f"base '{name}' has a {pipe.unet.config.in_channels}-channel UNet; IP2P needs 8")
+    return pipe
+
+
+def _check_tokenizer(pipe, name: str) -> None:
+    # transformers 5: CLIPTokenizer.from_pretrained(<hub id>) offline returns an empty tokenizer (vocab size 2)
+    # instead of failing; a pipeline built on it silently conditions on nothing.
+    size = len(pipe.tokenizer)
+    if size <= 2:
+        raise AdapterkitError(
+            f"the tokenizer of base '{name}' came back empty (vocabulary size {size}); its files did not load "
+            "offline: pass a local folder with tokenizer/vocab.json and merges.txt"
+        )
+
+
+def convert_sd15_to_ip2p(sd_pipe):
+    """Turn a Stable Diffusion 1.x text-to-image pipeline into an 8-channel IP2P pipeline.
+
+    conv_in becomes Conv2d(8, C, 3): input channels 0..3 keep the SD weights, 4..7 (the image latent) start at zero,
+    so the converted model initially ignores the image. The bias is copied too: diffusers' train_instruct_pix2pix.py
+    leaves it at its random init (diffusers#4960).
+    """
+    unet = sd_pipe.unet
+    old = unet.conv_in
+    if old.in_channels != 4:
+        raise AdapterkitError(f"conv_in has {old.in_channels} input channels; only a 4-channel SD UNet can be converted")
+    new = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding, dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :4].copy_(old.weight)  # (C, 4, 3, 3) -> first half of (C, 8, 3, 3)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=8)
+    return _as_ip2p(sd_pipe)
+
+
+def _as_ip2p(sd_pipe):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=sd_pipe.vae,
+        text_encoder=sd_pipe.text_encoder,
+        tokenizer=sd_pipe.tokenizer,
+        unet=sd_pipe.unet,
+        scheduler=sd_pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def convert_base(source: str, output: str) -> str:
+    """Load an SD1.5 pipeline from `source`, convert it to IP2P and save it to `output` (atomically)."""
+    from .fileio import atomic_folder
+
+    base = load_base(source, convert_sd15=True)
+    with atomic_folder(output) as tmp:
+        base.pipe.save_pretrained(tmp)
+    return output
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterkitError(f"cannot read {path}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

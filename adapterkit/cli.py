@@ -1,0 +1,113 @@
+"""The `adapterkit` command line: each command parses its options and calls one library function.
+
+Exit codes: 0 success, 2 bad input (one-line message, no traceback), 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .errors import AdapterkitError
+from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+
+BASE_HELP = "IP2P base: hub id, local diffusers folder, builtin:tiny (bundled, trained) or builtin:tiny-random."
+
+
+class AdapterkitGroup(click.Group):
+    """Turns expected errors into one line + exit 2, and unexpected ones into one line + exit 1 (traceback with -v)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AdapterkitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence: report, exit 1
+            if os.environ.get("ADAPTERKIT_DEBUG"):
+                raise
+            click.echo(f"unexpected error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                       "(set ADAPTERKIT_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=AdapterkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="adapterkit")
+def main():
+    """Train, merge, evaluate and hot-swap lightweight task adapters for InstructPix2Pix."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def generation_options(f):
+    """--steps/--guidance/--image-guidance/--seed/--resolution, shared by commands that run the pipeline."""
+    options = [
+        click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(1, 1000), help="Denoising steps."),
+        click.option("--guidance", default=DEFAULT_GUIDANCE, show_default=True, type=float, help="Text guidance scale s_T."),
+        click.option("--image-guidance", default=DEFAULT_IMAGE_GUIDANCE, show_default=True, type=float, help="Image guidance scale s_I."),
+        click.option("--seed", default=0, show_default=True, type=int, help='Seed of torch.Generator("cpu") passed to the pipeline.'),
+        click.option("--resolution", default=None, type=click.IntRange(8, 4096),
+                     help="Resize so the shorter side is this (multiples of 8). Default: the input's own size."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@main.command("edit")
+@click.option("--base", required=True, help=BASE_HELP)
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction.")
+@click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--instruction", help="The edit instruction (single-image mode).")
+@click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?}: one base load, hot-swap per job.')
+@click.option("--output", required=True, type=click.Path(), help="Output image path (one image) or folder (several images, or --jobs).")
+@click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@generation_options
+def edit_command(adapters, images, instruction, jobs, output, force, quiet, base, **options):
+    """Edit IMAGES with an instruction, or run a --jobs file, on a base with optional adapters."""
+    from .edit import edit, edit_jobs
+
+    if jobs:
+        if images or instruction:
+            raise AdapterkitError("--jobs takes its images and instructions from the file; drop IMAGE and --instruction")
+        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, **options)
+        for line in result.errors:
+            click.echo(f"skipped {line}", err=True)
+        click.echo(f"{len(result.outputs)} edited, {len(result.errors)} skipped, {result.swap_count} swaps -> {output}")
+        if not result.outputs and result.errors:
+            sys.exit(2)
+        return
+    if not instruction:
+        raise AdapterkitError("--instruction is required (or use --jobs FILE)")
+    outputs = edit(base, list(images), instruction, output, adapters=list(adapters), force=force, quiet=quiet, **options)
+    click.echo("\n".join(outputs))
+
+
+@main.command("convert-base")
+@click.argument("source")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the converted IP2P pipeline.")
+def convert_base_command(source, output):
+    """Convert an SD1.5 text-to-image pipeline (hub id or folder) into an 8-channel IP2P base."""
+    from .base import convert_base
+
+    click.echo(convert_base(source, output))
+
+
+@main.command("make-tiny-base")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the pipeline.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def make_tiny_base_command(output, seed):
+    """Write a tiny random-weight IP2P pipeline (what builtin:tiny-random builds) as a diffusers folder."""
+    from .tiny import save_tiny_pipeline
+
+    click.echo(save_tiny_pipeline(output, seed=seed))
+
+
+# Commands of later issues register below, one block each: train, merge, eval, demo.

@@ -1,0 +1,8 @@
+"""The one exception type for expected user mistakes.
+
+The CLI turns an `AdapterkitError` into a one-line message and exit code 2; anything else is a bug (exit 1).
+"""
+
+
+class AdapterkitError(Exception):
+    """Bad input the user can fix: the message names the problem and the fix, on one line."""

@@ -1,0 +1,89 @@
+"""One call of the IP2P pipeline, set up so the same result reproduces in plain diffusers.
+
+`seed` S means `generator=torch.Generator("cpu").manual_seed(S)`; defaults are the instruction-tuning blog's
+(20 steps, guidance 7, image guidance 1.5).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import AdapterkitError
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 7.0
+DEFAULT_IMAGE_GUIDANCE = 1.5
+# Refuse images above this many pixels (decompression bombs); 8192 x 8192 is far beyond what IP2P edits.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def open_image(path: str) -> Image.Image:
+    """Open an image file as RGB; one-line errors for missing, unreadable or oversized files."""
+    if not os.path.isfile(path):
+        raise AdapterkitError(f"image {path} does not exist")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise AdapterkitError(f"image {path} is too large (over {MAX_IMAGE_PIXELS} pixels); downscale it first") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise AdapterkitError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: palette and grayscale expand, alpha is composited on white, 16-bit is rescaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_for_edit(img: Image.Image, resolution: int | None) -> Image.Image:
+    """Shorter side -> resolution, both sides rounded down to multiples of 8. None keeps the input size."""
+    if resolution is None:
+        return img
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(8, int(w * scale) // 8 * 8), max(8, int(h * scale) // 8 * 8)
+    return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def run_pipeline(
+    pipe,
+    image: Image.Image,
+    instruction: str,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+    seed: int = 0,
+    resolution: int | None = None,
+    output_type: str = "pil",
+):
+    """Edit one image with whatever adapter the pipeline holds now; returns a PIL image (or array for "np")."""
+    image = resize_for_edit(to_rgb(image), resolution)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    with torch.no_grad():
+        result = pipe(
+            instruction,
+            image=image,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            image_guidance_scale=image_guidance,
+            generator=generator,
+            output_type=output_type,
+        )
+    return result.images[0]

@@ -1,0 +1,149 @@
+"""A tiny InstructPix2Pix pipeline built offline from small configs: for tests, smoke runs and `builtin:tiny-random`.
+
+Everything here is built locally: no hub access. The tokenizer is a real `CLIPTokenizer` over a small vocabulary
+written by `write_tiny_vocab`: whole words for common edit instructions (with the merges that build them), plus
+every byte-level character with and without the end-of-word marker, so any other text tokenizes character by character.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+# Words that get their own token; anything else falls back to characters. Order fixes the token ids.
+TINY_WORDS = (
+    "a an the it this that image photo picture of and to in with more less make turn into add remove "
+    "derain rain cartoon cartoonize cartoonized denoise noise deblur blur sharpen low light lowlight brighten "
+    "brighter darken darker contrast grayscale gray grey black white color colour colors hue shift invert "
+    "flip posterize sepia enhance fix clean clear restore bright dark sharp smooth edges please photograph "
+    "style look like painting sketch drawing cat dog house tree sky water snow night day"
+).split()
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable characters CLIP's byte-level BPE maps bytes to (GPT-2's bytes_to_unicode)."""
+    visible = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = visible[:]
+    extra = 0
+    for b in range(256):
+        if b not in visible:
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """Token -> id, and BPE merges that build each word of TINY_WORDS left to right ("d e", "de r", ...).
+
+    Special tokens come last, as in CLIP, so the end-of-text token has the highest id.
+    """
+    tokens: list[str] = []
+    for ch in _byte_chars():
+        tokens += [ch, ch + "</w>"]
+    merges: list[str] = []
+    for word in sorted(TINY_WORDS, key=len, reverse=True):  # longest first: their merges rank first
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        prefix = pieces[0]
+        for piece in pieces[1:]:
+            merges.append(f"{prefix} {piece}")
+            prefix += piece
+            tokens.append(prefix)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, list(dict.fromkeys(merges))
+
+
+def write_tiny_vocab(folder: str) -> tuple[str, str]:
+    """Write vocab.json and merges.txt into `folder`; return their paths."""
+    os.makedirs(folder, exist_ok=True)
+    vocab, merges = tiny_vocab_and_merges()
+    vocab_path = os.path.join(folder, "vocab.json")
+    merges_path = os.path.join(folder, "merges.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(merges_path, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return vocab_path, merges_path
+
+
+def make_tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_path, merges_path = write_tiny_vocab(tmp)
+        return CLIPTokenizer(vocab_path, merges_path, model_max_length=77)
+
+
+def make_tiny_pipeline(seed: int = 0, text_dim: int = 32):
+    """A random-weight 8-channel IP2P pipeline: UNet (32, 64) channels, 2-block VAE, 2-layer CLIP text encoder.
+
+    Deterministic for a given seed. 64x64 images give 8x8 latents; 3 steps take well under a second on CPU.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionInstructPix2PixPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=text_dim,
+        intermediate_size=4 * text_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    text_encoder = CLIPTextModel(text_config)
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=EulerAncestralDiscreteScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(output: str, seed: int = 0) -> str:
+    """Save `make_tiny_pipeline(seed)` as a diffusers folder (atomically), loadable by from_pretrained offline."""
+    from .base import BASE_INFO_FILE
+    from .fileio import atomic_folder
+
+    pipe = make_tiny_pipeline(seed=seed)
+    with atomic_folder(output) as tmp:
+        pipe.save_pretrained(tmp)
+        with open(os.path.join(tmp, BASE_INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump({"resolution": 64, "made_by": "adapterkit make-tiny-base", "seed": seed}, f)
+    return output

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny IP2P base saved once per session, loaded fresh per test; HF hub kept offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> str:
+    """A tiny random IP2P pipeline as a diffusers folder (what `adapterkit make-tiny-base` writes)."""
+    from adapterkit.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("bases") / "tiny"), seed=0)
+
+
+@pytest.fixture
+def tiny_base(tiny_base_dir):
+    """A freshly loaded tiny base (tests may change its weights)."""
+    from adapterkit.base import load_base
+
+    return load_base(tiny_base_dir)
+
+
+@pytest.fixture
+def image():
+    from factories import random_image
+
+    return random_image(0)
