@@ -54,7 +54,9 @@ def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
     """Module path -> Linear for every attn2 `to_k`/`to_v`, sorted by path.
 
     With a peft LoRA attached, `to_k` is a wrapper; the returned Linear is always the base layer underneath.
+    A torch.compile'd UNet is unwrapped, so paths never carry the `_orig_mod.` prefix.
     """
+    unet = unwrap_compiled(unet)
     layers = {}
     for name, module in unet.named_modules():
         if name.endswith(("attn2.to_k", "attn2.to_v")):
@@ -62,6 +64,11 @@ def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
     if not layers:
         raise AdapterkitError("the base UNet has no cross-attention (attn2) layers; is it a Stable Diffusion UNet?")
     return dict(sorted(layers.items()))
+
+
+def unwrap_compiled(module):
+    """The module under a torch.compile wrapper (OptimizedModule keeps it as `_orig_mod`), else the module."""
+    return getattr(module, "_orig_mod", module)
 
 
 def compute_fingerprint(unet) -> str:
@@ -175,8 +182,9 @@ def _from_pretrained(path: str, name: str, dtype: torch.dtype, convert_sd15: boo
 def _check_tokenizer(pipe, name: str) -> None:
     # transformers 5: CLIPTokenizer.from_pretrained(<hub id>) offline returns an empty tokenizer (vocab size 2)
     # instead of failing; a pipeline built on it silently conditions on nothing.
+    # Any working CLIP byte-level BPE vocabulary holds at least the 256 byte symbols.
     size = len(pipe.tokenizer)
-    if size <= 2:
+    if size < 256:
         raise AdapterkitError(
             f"the tokenizer of base '{name}' came back empty (vocabulary size {size}); its files did not load "
             "offline: pass a local folder with tokenizer/vocab.json and merges.txt"

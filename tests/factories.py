@@ -55,3 +55,51 @@ def random_lora(base, task: str, rank: int = 4, alpha: float | None = None, seed
 
 def to_array(img) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def make_edit_dataset(
+    folder,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    instructions=("invert the image",),
+    columns=("input_image", "edited_image", "edit_prompt"),
+    edit=None,
+    unreadable=(),
+) -> str:
+    """A local edit dataset: `folder/metadata.jsonl` + in/i.png, out/i.png (datasets' imagefolder convention).
+
+    Inputs are smooth random colour fields; targets are `edit(input)` (default: colour inversion, a task a tiny
+    model can learn). Instructions cycle through `instructions`. Rows listed in `unreadable` get an input file
+    that is not an image. `columns` names the input, target and instruction columns (metadata keys
+    `<input>_file_name`, `<target>_file_name`, `<instruction>`).
+    """
+    import json
+    import os
+
+    from PIL import ImageOps
+
+    folder = str(folder)
+    os.makedirs(os.path.join(folder, "in"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "out"), exist_ok=True)
+    edit = edit or ImageOps.invert
+    rng = np.random.RandomState(seed)
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        for i in range(n):
+            corners = rng.rand(2, 2, 3) * 255  # bilinear colour field from four random corner colours
+            t = np.linspace(0, 1, size)[:, None, None]
+            s = np.linspace(0, 1, size)[None, :, None]
+            field = (1 - t) * ((1 - s) * corners[0, 0] + s * corners[0, 1]) + t * ((1 - s) * corners[1, 0] + s * corners[1, 1])
+            img = Image.fromarray(np.clip(field + rng.randn(size, size, 3) * 8, 0, 255).astype(np.uint8))
+            img.save(os.path.join(folder, "in", f"{i}.png"))
+            edit(img).save(os.path.join(folder, "out", f"{i}.png"))
+            if i in unreadable:
+                with open(os.path.join(folder, "in", f"{i}.png"), "wb") as bad:
+                    bad.write(b"this is not a png")
+            row = {
+                f"{columns[0]}_file_name": f"in/{i}.png",
+                f"{columns[1]}_file_name": f"out/{i}.png",
+                columns[2]: instructions[i % len(instructions)],
+            }
+            f.write(json.dumps(row) + "\n")
+    return folder

@@ -152,6 +152,9 @@ def load_adapter(path: str, task: str | None = None, instructions: list[str] | N
     method = meta["method"]
     if method not in METHODS:
         raise AdapterkitError(f"{meta_path}: unknown adapter method '{method}'; use one of {', '.join(METHODS)}")
+    module = METHODS[method]
+    if not any(os.path.isfile(os.path.join(path, name)) for name in (module.FILE_NAME, module.LEGACY_FILE_NAME)):
+        raise AdapterkitError(f"{path} has no adapter weight file (expected {module.FILE_NAME}); restore it or retrain")
     if method == lora.METHOD:
         tensors, config = lora.read(path)
     else:

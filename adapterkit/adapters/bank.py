@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from ..base import Base, compute_fingerprint, cross_attention_kv_layers
+from ..base import Base, compute_fingerprint, cross_attention_kv_layers, unwrap_compiled
 from ..errors import AdapterkitError
 from . import Adapter, custom_diffusion, lora
 
@@ -144,7 +144,7 @@ class AdapterBank:
         adapters = self._lora_adapters()
         rank = max(a.rank for a in adapters)
         modules = sorted(set().union(*(a.targets for a in adapters)))
-        named = dict(self.pipe.unet.named_modules())
+        named = dict(unwrap_compiled(self.pipe.unet).named_modules())
         zeros = {}
         weight_like = next(iter(self._kv_layers.values())).weight
         for m in modules:

@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from ..base import unwrap_compiled
 from ..errors import AdapterkitError
 from .safe_load import check_tensors
 
@@ -94,7 +95,7 @@ def delta_weights(tensors: dict[str, torch.Tensor], base_weights=None, config: d
 
 def check_shapes(tensors: dict[str, torch.Tensor], unet) -> None:
     """Raise on the first module that this UNet lacks or whose in/out features differ from the adapter's."""
-    named = dict(unet.named_modules())
+    named = dict(unwrap_compiled(unet).named_modules())
     for m in modules(tensors):
         a, b = tensors.get(f"{m}.lora_A.weight"), tensors.get(f"{m}.lora_B.weight")
         if a is None or b is None:
@@ -200,7 +201,7 @@ def load_into_pipeline(pipe, tensors: dict[str, torch.Tensor], config: dict, ada
 
 def fuse_into_base(unet, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Add scale * B A to each target weight for good (no peft layers left behind)."""
-    named = dict(unet.named_modules())
+    named = dict(unwrap_compiled(unet).named_modules())
     with torch.no_grad():
         for m, delta in delta_weights(tensors, config=config).items():
             layer = named[m]

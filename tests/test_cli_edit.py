@@ -1,0 +1,136 @@
+"""`adapterkit edit` end to end, and the one-line errors with exit code 2 (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from factories import random_custom_diffusion, random_image, random_lora
+from PIL import Image
+
+from adapterkit.adapters import save_adapter
+from adapterkit.cli import main
+from adapterkit.tiny import make_tiny_pipeline
+
+FAST = ["--steps", "2"]
+
+
+@pytest.fixture
+def setup(tiny_base, tmp_path):
+    """Two saved adapters (one per method) and an input image."""
+    save_adapter(random_lora(tiny_base, "derain", rank=2, seed=1, instructions=["derain the image"]), str(tmp_path / "derain"))
+    save_adapter(random_custom_diffusion(tiny_base, "cartoonize", seed=2, instructions=["cartoonize the image"]),
+                 str(tmp_path / "cartoonize"))
+    random_image(0).save(tmp_path / "in.png")
+    return tmp_path
+
+
+def run(args):
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output  # click >= 8.2: stdout and stderr interleaved
+
+
+def test_edit_single_image_writes_the_same_png_as_the_bank(setup, tiny_base_dir, tiny_base):
+    code, out = run(["edit", "--base", tiny_base_dir, "--adapter", str(setup / "derain"), str(setup / "in.png"),
+                     "--instruction", "derain the image", "--output", str(setup / "out.png"), "--quiet", *FAST])
+    assert code == 0, out
+    written = np.asarray(Image.open(setup / "out.png"))
+    from adapterkit.adapters import load_adapter
+    from adapterkit.adapters.bank import AdapterBank
+
+    bank = AdapterBank(tiny_base)
+    bank.add(load_adapter(str(setup / "derain")))
+    expected = np.asarray(bank.edit(Image.open(setup / "in.png"), "derain the image", task="derain", steps=2))
+    np.testing.assert_array_equal(written, expected)
+
+
+def test_jobs_mode_routes_swaps_and_reports_bad_rows_by_line(setup, tiny_base_dir):
+    jobs = setup / "jobs.jsonl"
+    rows = [
+        {"image": "in.png", "instruction": "derain the image", "adapter": "derain"},
+        {"image": "in.png", "instruction": "cartoonize the image"},  # routed by instruction
+        "not json",
+        {"image": "in.png", "instruction": "derain the image", "adapter": "no-such-task"},
+        {"image": "missing.png", "instruction": "derain the image"},
+        {"image": "in.png", "instruction": "x", "adapter": None},  # the base alone
+    ]
+    jobs.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    code, out = run(["edit", "--base", tiny_base_dir, "--adapter", str(setup / "derain"), "--adapter",
+                     str(setup / "cartoonize"), "--jobs", str(jobs), "--output", str(setup / "outs"), "--quiet", *FAST])
+    assert code == 0, out
+    assert "3 edited, 3 skipped" in out
+    for line in ("line 3", "line 4: unknown adapter 'no-such-task'", "line 5: image"):
+        assert line in out
+    results = json.loads((setup / "outs" / "results.json").read_text())
+    assert [r["adapter"] for r in results["done"]] == ["derain", "cartoonize", None]
+    assert len(os.listdir(setup / "outs")) == 4  # three PNGs + results.json
+
+
+def test_help_explains_every_option():
+    code, out = run(["edit", "--help"])
+    assert code == 0
+    for option in ("--base", "--adapter", "--jobs", "--steps", "--guidance", "--image-guidance", "--seed", "--resolution"):
+        assert option in out
+
+
+def _corrupt(folder):
+    path = folder / "pytorch_lora_weights.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _unknown_method(folder):
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["method"] = "dreambooth"
+    (folder / "adapter.json").write_text(json.dumps(meta))
+
+
+def _missing_weights(folder):
+    (folder / "pytorch_lora_weights.safetensors").unlink()
+
+
+def _other_base(folder):
+    meta = json.loads((folder / "adapter.json").read_text())
+    meta["base"]["fingerprint"] = "0123456789abcdef"
+    (folder / "adapter.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_corrupt, "not a readable safetensors file"),
+        (_unknown_method, "unknown adapter method 'dreambooth'"),
+        (_missing_weights, "has no adapter weight file"),
+        (_other_base, "was made for base 0123456789abcdef"),
+    ],
+)
+def test_bad_adapters_give_one_line_and_exit_2(setup, tiny_base_dir, damage, message):
+    damage(setup / "derain")
+    before = sorted(os.listdir(setup))
+    code, out = run(["edit", "--base", tiny_base_dir, "--adapter", str(setup / "derain"), str(setup / "in.png"),
+                     "--instruction", "x", "--output", str(setup / "out.png"), *FAST])
+    assert code == 2, out
+    assert message in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1
+    assert sorted(os.listdir(setup)) == before  # nothing written
+
+
+def test_console_script_exit_code_and_no_traceback(setup, tiny_base_dir):
+    """The installed entry point, in a fresh process: mismatched shapes are refused even with --force."""
+    narrow = setup / "narrow"
+    pipe = make_tiny_pipeline(seed=0, text_dim=16)
+    from adapterkit.base import Base, compute_fingerprint
+
+    save_adapter(random_custom_diffusion(Base(pipe, "narrow", compute_fingerprint(pipe.unet)), "narrow"), str(narrow))
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapterkit", "edit", "--base", tiny_base_dir, "--adapter", str(narrow), "--force",
+         str(setup / "in.png"), "--instruction", "x", "--output", str(setup / "o.png")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: adapter layer ") and "has shape" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
