@@ -8,6 +8,7 @@ from .adapters import Adapter, load_adapter, save_adapter
 from .adapters.bank import AdapterBank
 from .base import Base, compute_fingerprint, convert_sd15_to_ip2p, load_base
 from .errors import AdapterkitError
+from .eval import evaluate
 
 __all__ = [
     "Adapter",
@@ -16,6 +17,7 @@ __all__ = [
     "Base",
     "compute_fingerprint",
     "convert_sd15_to_ip2p",
+    "evaluate",
     "load_adapter",
     "load_base",
     "save_adapter",

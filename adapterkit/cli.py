@@ -111,3 +111,40 @@ def make_tiny_base_command(output, seed):
 
 
 # Commands of later issues register below, one block each: train, merge, eval, demo.
+
+
+# --- eval command (issue 5) ---
+@main.command("eval")
+@click.option("--base", required=True, help=BASE_HELP)
+@click.option("--data", required=True, help="Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl.")
+@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
+              help="Adapter or merged-adapter folder (repeatable); each becomes a column beside the base.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Report folder: report.json, report.html, grids/, images/, cache/ (re-runs reuse the cache).")
+@click.option("--preset", default=None, help="Column preset of the data: ip2p, cartoonization or low-level.")
+@click.option("--input-column", default=None, help="Input image column (overrides the preset).")
+@click.option("--target-column", default=None, help="Target image column (overrides the preset).")
+@click.option("--instruction-column", default=None, help="Instruction column (overrides the preset).")
+@click.option("--split", default="train", show_default=True, help="Dataset split.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Judge at most this many rows per task.")
+@click.option("--task-rows", default="auto", show_default=True, type=click.Choice(["auto", "match", "all"]),
+              help="Rows per task: match (instructions of that task), all (every row), auto (all for a single-task "
+                   "dataset with one task evaluated, else match).")
+@click.option("--instructions", default="data", show_default=True, type=click.Choice(["data", "adapter"]),
+              help="Instruction per row: the row's own, or the task adapter's stored instructions in turn.")
+@click.option("--clip-model", default=None, help="CLIP checkpoint (folder or hub id) for CLIP image and directional similarity.")
+@click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(1, 1000), help="Denoising steps.")
+@click.option("--guidance", default=DEFAULT_GUIDANCE, show_default=True, type=float, help="Text guidance scale s_T.")
+@click.option("--image-guidance", default=DEFAULT_IMAGE_GUIDANCE, show_default=True, type=float, help="Image guidance scale s_I.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Row r uses seed + r in every column.")
+@click.option("--resolution", default=None, type=click.IntRange(8, 4096),
+              help="Shorter side of the inputs (multiples of 8). Default: the base's own resolution, else 256.")
+@click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(adapters, **options):
+    """Judge adapters and merges side by side against the base: metrics, report.html and image grids."""
+    from .eval import evaluate
+
+    result = evaluate(adapters=list(adapters), **options)
+    click.echo(result.table)
+    click.echo(f"{result.generated} images generated, {result.cached} from cache -> {result.files['html']}")

@@ -64,7 +64,8 @@ class Column:
 class TaskRow:
     """One dataset row as every column sees it: the same resized input, instruction and seed."""
 
-    row: int
+    row: int  # index within the task's rows: the file name under images/<task>/<column>/
+    source_row: int  # row number in the dataset (split) it came from
     input: Image.Image
     target: Image.Image
     instruction: str
@@ -215,24 +216,60 @@ def load_rows(
     instructions: str,
     resolution: int,
     seed: int,
-) -> dict[str, list[TaskRow]]:
-    """task -> its rows, resized and with the instruction and seed every column will use (rules: module doc)."""
+) -> tuple[dict[str, list[TaskRow]], dict[str, str]]:
+    """task -> its rows, resized, with the instruction and seed every column will use (rules: module doc).
+
+    Also returns {task: reason} for tasks left out: a task only a merge contains and the data lacks. A plain
+    adapter's task without rows is an error. Unreadable rows are skipped (they do not count towards `limit`).
+    """
     from ..train.data import load_edit_dataset
 
-    mode = task_rows if task_rows != "auto" else ("all" if len(tasks) == 1 else "match")
-    everything = load_edit_dataset(data, **data_options) if mode == "all" else None
-    out = {}
+    dataset = load_edit_dataset(data, require_instruction=instructions == "data", **data_options)
+    selection = select_task_rows(dataset.instructions, tasks, task_rows)
+    judged_alone = {c.adapter.task for c in columns if c.kind == "adapter"}
+    out, left_out = {}, {}
     for task in tasks:
-        dataset = everything if mode == "all" else load_edit_dataset(data, task=task, **data_options)
-        count = len(dataset) if limit is None else min(limit, len(dataset))
-        if count == 0:
-            raise AdapterkitError(
-                f"the data has no rows for task '{task}'; check --split and the column options, or pass "
-                "--task-rows all to judge every adapter on every row"
-            )
+        if not selection[task]:
+            if task in judged_alone:
+                raise AdapterkitError(
+                    f"no row of {data} belongs to task '{task}' (instructions are matched by the task's keywords or "
+                    "name); check --data and --split, or pass --task-rows all to judge every adapter on every row"
+                )
+            left_out[task] = f"skipped: no row of the data belongs to task '{task}'"
+            continue
         pool = _task_instructions(task, columns)
-        out[task] = [_task_row(dataset[i], i, pool, instructions, resolution, seed, task) for i in range(count)]
-    return out
+        picked = []
+        for i in selection[task]:
+            example = dataset.get(i)  # None for a row whose image files are unreadable
+            if example is not None:
+                picked.append(_task_row(example, len(picked), dataset.rows[i], pool, instructions, resolution, seed, task))
+            if limit is not None and len(picked) == limit:
+                break
+        if not picked:
+            raise AdapterkitError(f"no row of task '{task}' in {data} has readable images; check the image files")
+        out[task] = picked
+    return out, left_out
+
+
+def select_task_rows(texts: list[str], tasks: list[str], task_rows: str) -> dict[str, list[int]]:
+    """task -> dataset indices it is judged on.
+
+    "all": every index for every task. "match": the indices whose instruction belongs to the task
+    (`train.data.task_matches`: known tasks by keywords, others by their name). "auto": "all" when the eval has
+    one task and the data is single-task (its instructions match at most one task, known or evaluated), else
+    "match".
+    """
+    from ..train.data import TASK_KEYWORDS, task_matches
+
+    every = list(range(len(texts)))
+    if task_rows == "all":
+        return {task: every for task in tasks}
+    if task_rows == "auto" and len(tasks) == 1:
+        candidates = list(dict.fromkeys([*tasks, *TASK_KEYWORDS]))
+        present = [t for t in candidates if any(task_matches(text, t) for text in texts)]
+        if len(present) <= 1:
+            return {tasks[0]: every}
+    return {task: [i for i in every if task_matches(texts[i], task)] for task in tasks}
 
 
 def _task_instructions(task: str, columns: list[Column]) -> list[str]:
@@ -242,7 +279,7 @@ def _task_instructions(task: str, columns: list[Column]) -> list[str]:
     return []
 
 
-def _task_row(example, row: int, pool: list[str], source: str, resolution: int, seed: int, task: str) -> TaskRow:
+def _task_row(example, row: int, source_row: int, pool: list[str], source: str, resolution: int, seed: int, task: str) -> TaskRow:
     instruction = (example.instruction or "").strip()
     if source == "adapter" or not instruction:
         if not pool:
@@ -255,7 +292,7 @@ def _task_row(example, row: int, pool: list[str], source: str, resolution: int, 
     target = to_rgb(example.target)
     if target.size != image.size:
         target = target.resize(image.size, Image.BICUBIC)
-    return TaskRow(row=row, input=image, target=target, instruction=instruction, seed=seed + row)
+    return TaskRow(row=row, source_row=source_row, input=image, target=target, instruction=instruction, seed=seed + row)
 
 
 # -------------------------------------------------------------------------------------------------- generation
@@ -335,7 +372,7 @@ def score_task(output: str, folder: str, task_columns: list[Column], rows: list[
         vs = {}
         if adapter_column is not None:
             vs = {c.name: M.psnr(outputs[adapter_column], outputs[c.name]) for c in task_columns if c.kind == "merge"}
-        records.append({"row": r.row, "instruction": r.instruction, "seed": r.seed, "metrics": per_column, "vs_task_adapter": vs})
+        records.append({"row": r.row, "source_row": r.source_row, "instruction": r.instruction, "seed": r.seed, "metrics": per_column, "vs_task_adapter": vs})
     return records
 
 
@@ -423,7 +460,8 @@ def evaluate(
                     "instruction_column": instruction_column, "split": split}
     loaded = base if isinstance(base, Base) else load_base(base, device=device)
     resolution = resolution or loaded.resolution
-    rows = load_rows(data, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
+    rows, left_out = load_rows(data, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
+    tasks = [t for t in tasks if t in rows]
     scorers = load_scorers(clip_model, device or "cpu")
     keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights
     bank = AdapterBank(loaded, force=force)
@@ -445,7 +483,7 @@ def evaluate(
         sections[task] = task_section(task, folders[task], task_columns, records)
     report = build_report(loaded, data, {**data_options, "limit": limit, "task_rows": task_rows,
                                          "instructions": instructions}, settings, seed, columns, sections,
-                          scorers.skipped, cache)
+                          {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
     return _write_outputs(output, report, cache)
 
 
