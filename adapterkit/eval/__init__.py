@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import Adapter, load_adapter
 from ..errors import AdapterkitError
-from ..fileio import atomic_file, atomic_folder, write_json
+from ..fileio import atomic_file, atomic_folder
 from ..inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, resize_for_edit, to_rgb
 from . import metrics as M
 from . import report as R
@@ -505,7 +505,9 @@ def _task_folders(tasks: list[str]) -> dict[str, str]:
 
 def _write_outputs(output: str, report: dict, cache: OutputCache) -> EvalResult:
     json_path, html_path = os.path.join(output, "report.json"), os.path.join(output, "report.html")
-    write_json(json_path, report)
+    with atomic_file(json_path, "w") as f:  # insertion order kept: tasks and columns in the order evaluated
+        json.dump(report, f, indent=2, allow_nan=False)
+        f.write("\n")
     R.write_html(html_path, report)
     grids = {}
     for task, section in report["tasks"].items():

@@ -144,14 +144,15 @@ class ClipScorer:
     """A CLIP model (local folder or hub id) that embeds images and texts into its joint space."""
 
     def __init__(self, name_or_path: str, device: str | torch.device = "cpu"):
-        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+        from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
         self.name_or_path = name_or_path
         self.device = torch.device(device)
         try:
             self.model = CLIPModel.from_pretrained(name_or_path).to(self.device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
-            self.image_processor = CLIPImageProcessor.from_pretrained(name_or_path)
+            # AutoImageProcessor picks the PIL backend when torchvision is absent (CLIPImageProcessor would warn)
+            self.image_processor = AutoImageProcessor.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:
             where = "folder" if os.path.isdir(name_or_path) else "hub id (is it cached for offline use?)"
             raise AdapterkitError(
