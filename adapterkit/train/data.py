@@ -1,0 +1,448 @@
+"""Edit datasets: (input image, target image, instruction) rows from the hub, a save_to_disk folder, or a local folder.
+
+Sources
+- a local folder with `metadata.jsonl` (or `<split>/metadata.jsonl`), datasets' imagefolder convention: every key
+  ending in `_file_name` is an image column named without the suffix (`file_name` alone becomes `image`), paths
+  relative to the metadata file. Read directly (no arrow cache), images decoded lazily.
+- a `datasets.save_to_disk` folder (Dataset or DatasetDict), or a hub dataset id (`datasets.load_dataset`).
+
+Columns come from a preset (`PRESETS`) or explicit names; with neither, the first preset whose three columns the
+dataset has. `task=` keeps only one task's rows of a multi-task dataset (see `task_matches`).
+
+Unreadable rows (a missing, truncated or non-image file) are skipped and counted in `EditDataset.skipped`:
+iteration yields only readable rows; `dataset[i]` on an unreadable row returns the next readable row instead.
+
+The rest of the module turns examples into tensors for training: the paired crop/flip of IP2P, the VAE and text
+encoders, and the latent cache of `--cache-latents`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import AdapterkitError
+from ..inference import MAX_IMAGE_PIXELS, to_rgb
+
+# preset -> (input column, target column, instruction column)
+PRESETS = {
+    "ip2p": ("input_image", "edited_image", "edit_prompt"),  # diffusers' train_instruct_pix2pix.py defaults
+    "cartoonization": ("original_image", "cartoonized_image", "edit_prompt"),  # instruction-tuning-sd/cartoonization
+    "low-level": ("input_image", "ground_truth_image", "instruction"),  # instruction-tuning-sd/low-level-image-proc
+}
+# Tasks of the low-level set (and cartoonization): a row belongs to a task when its instruction contains one of the
+# task's keywords and no keyword of another task here ("deblur and denoise the image" belongs to neither).
+# Any other task name matches rows whose instruction contains the name itself. Matching ignores case.
+TASK_KEYWORDS = {
+    "derain": ("derain", "rain"),
+    "deblur": ("deblur", "blur", "sharpen"),
+    "denoise": ("denoise", "noise", "noisy"),
+    "lowlight": ("low-light", "low light", "lowlight", "enhance", "brighten", "illuminat"),
+    "cartoonize": ("cartoon",),
+}
+TASK_ALIASES = {"low-light": "lowlight", "enhance": "lowlight", "cartoonization": "cartoonize"}
+
+
+@dataclass
+class EditExample:
+    input: Image.Image  # RGB
+    target: Image.Image  # RGB
+    instruction: str
+
+
+@dataclass
+class EditDataset:
+    """Rows of an edit dataset, decoded on access. `rows[i]` is the source row behind index i."""
+
+    source: str
+    columns: list[str]  # every column the source has
+    input_column: str
+    target_column: str
+    instruction_column: str | None
+    rows: list[int]
+    instructions: list[str]  # instruction of each index (no image decoding), "" without an instruction column
+    _read: object = field(repr=False, default=None)  # callable(row, column) -> raw image value
+    skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was unreadable
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, i: int) -> EditExample | None:
+        """Index i decoded to RGB images, or None (counted in `skipped`) when either image is unreadable."""
+        row = self.rows[i]
+        if row in self.skipped:
+            return None
+        try:
+            images = [_decode(self._read(row, column)) for column in (self.input_column, self.target_column)]
+        except _Unreadable as e:
+            self.skipped[row] = str(e)
+            return None
+        return EditExample(input=images[0], target=images[1], instruction=self.instructions[i])
+
+    def __getitem__(self, i: int) -> EditExample:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} rows")
+        i %= len(self)
+        for k in range(len(self)):
+            example = self.get((i + k) % len(self))
+            if example is not None:
+                return example
+        raise AdapterkitError(f"no row of {self.source} has readable images ({len(self.skipped)} skipped); check the image files")
+
+    def __iter__(self):
+        for i in range(len(self)):
+            example = self.get(i)
+            if example is not None:
+                yield example
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def load_edit_dataset(
+    source: str,
+    *,
+    preset: str | None = None,
+    input_column: str | None = None,
+    target_column: str | None = None,
+    instruction_column: str | None = None,
+    split: str = "train",
+    task: str | None = None,
+    limit: int | None = None,
+    require_instruction: bool = True,
+) -> EditDataset:
+    """Open an edit dataset and resolve its columns; nothing is decoded yet.
+
+    `task` keeps the rows of one task (`task_matches`); `limit` then keeps the first `limit` rows.
+    `require_instruction=False` accepts a dataset without an instruction column (instructions become "").
+    """
+    table = _open_source(source, split)
+    names = _resolve_columns(table.columns, source, preset, input_column, target_column, instruction_column, require_instruction)
+    instructions = table.strings(names[2]) if names[2] else [""] * table.num_rows
+    rows = list(range(table.num_rows))
+    if task:
+        rows = [r for r in rows if task_matches(instructions[r], task)]
+        if not rows:
+            sample = sorted(set(instructions))[:5]
+            raise AdapterkitError(
+                f"no row of {source} matches task '{task}' (instructions look like: {sample}); check --data-task "
+                f"(known tasks: {', '.join(TASK_KEYWORDS)})"
+            )
+    if limit is not None:
+        rows = rows[:limit]
+    if not rows:
+        raise AdapterkitError(f"dataset {source} (split {split}) has no rows")
+    return EditDataset(
+        source=source,
+        columns=table.columns,
+        input_column=names[0],
+        target_column=names[1],
+        instruction_column=names[2],
+        rows=rows,
+        instructions=[instructions[r] for r in rows],
+        _read=table.read,
+    )
+
+
+def task_matches(instruction: str, task: str) -> bool:
+    """Does this instruction belong to `task`? Known tasks by keywords (TASK_KEYWORDS), others by their name."""
+    text = instruction.lower()
+    name = TASK_ALIASES.get(task.lower(), task.lower())
+    if name not in TASK_KEYWORDS:
+        return name in text
+    hits = {t for t, words in TASK_KEYWORDS.items() if any(w in text for w in words)}
+    return hits == {name}
+
+
+def _resolve_columns(columns, source, preset, input_column, target_column, instruction_column, require_instruction):
+    if preset is not None and preset not in PRESETS:
+        raise AdapterkitError(f"unknown preset '{preset}'; use one of {', '.join(PRESETS)}")
+    if preset is None:
+        preset = next((p for p, cols in PRESETS.items() if all(c in columns for c in cols[:2])), "ip2p")
+    defaults = PRESETS[preset]
+    chosen = [input_column or defaults[0], target_column or defaults[1], instruction_column or defaults[2]]
+    roles = ("input", "target", "instruction")
+    flags = ("--input-column", "--target-column", "--instruction-column")
+    for k, (name, role, flag) in enumerate(zip(chosen, roles, flags)):
+        if name in columns:
+            continue
+        if role == "instruction" and not require_instruction and instruction_column is None:
+            chosen[k] = None
+            continue
+        raise AdapterkitError(
+            f"dataset {source} has no {role} column '{name}'; available columns: {', '.join(columns)}; "
+            f"pass {flag} or --preset ({', '.join(PRESETS)})"
+        )
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ sources
+class _FolderTable:
+    """metadata.jsonl rows; image columns are paths relative to the metadata file."""
+
+    def __init__(self, metadata: str):
+        self.root = os.path.dirname(metadata)
+        self.records = []
+        with open(metadata, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise AdapterkitError(f"{metadata} line {number} is not valid JSON ({e.msg}); fix the file") from e
+                if not isinstance(record, dict):
+                    raise AdapterkitError(f"{metadata} line {number} is not a JSON object; fix the file")
+                self.records.append({_column_name(k): v for k, v in record.items()})
+        self.columns = list(dict.fromkeys(k for r in self.records for k in r))
+        self.num_rows = len(self.records)
+
+    def strings(self, column: str) -> list[str]:
+        return [str(r.get(column) or "") for r in self.records]
+
+    def read(self, row: int, column: str):
+        value = self.records[row].get(column)
+        if not isinstance(value, str) or not value:
+            raise _Unreadable(f"no file name in column {column}")
+        return value if os.path.isabs(value) else os.path.join(self.root, value)
+
+
+def _column_name(key: str) -> str:
+    if key == "file_name":
+        return "image"
+    return key[: -len("_file_name")] if key.endswith("_file_name") else key
+
+
+class _DatasetsTable:
+    """A datasets.Dataset; image columns are read undecoded ({"bytes", "path"}) so bad files can be skipped."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.columns = list(ds.column_names)
+        self.num_rows = len(ds)
+        self._views = {}
+
+    def strings(self, column: str) -> list[str]:
+        return [str(v or "") for v in list(self.ds[column])]
+
+    def read(self, row: int, column: str):
+        import datasets
+
+        if column not in self._views:
+            view = self.ds.select_columns([column])
+            if isinstance(view.features[column], datasets.Image):
+                view = view.cast_column(column, datasets.Image(decode=False))
+            self._views[column] = view
+        return self._views[column][row][column]
+
+
+def _open_source(source: str, split: str):
+    if os.path.isdir(source):
+        split_metadata = os.path.join(source, split, "metadata.jsonl")
+        top_metadata = os.path.join(source, "metadata.jsonl")
+        if os.path.isfile(split_metadata):
+            return _FolderTable(split_metadata)
+        if os.path.isfile(top_metadata):
+            if split != "train":  # imagefolder: a top-level metadata.jsonl is the train split
+                raise AdapterkitError(f"{source} has only a train split (metadata.jsonl at its top); drop --split or add {split}/metadata.jsonl")
+            return _FolderTable(top_metadata)
+        if any(os.path.isfile(os.path.join(source, n)) for n in ("dataset_dict.json", "state.json")):
+            return _DatasetsTable(_load_from_disk(source, split))
+        raise AdapterkitError(
+            f"{source} is neither a folder with metadata.jsonl (or {split}/metadata.jsonl) nor a datasets.save_to_disk "
+            "folder; see the README for the dataset format"
+        )
+    if os.path.exists(source) or source.startswith(("/", "./", "../", "~")):
+        raise AdapterkitError(f"dataset {source} is not a folder; pass a dataset folder or a hub dataset id")
+    return _DatasetsTable(_load_from_hub(source, split))
+
+
+def _load_from_disk(path: str, split: str):
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise AdapterkitError(f"{path} has no split '{split}'; available splits: {', '.join(loaded)}; pass --split")
+        return loaded[split]
+    return loaded
+
+
+def _load_from_hub(name: str, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise AdapterkitError(f"dataset {name} has no split '{split}' ({str(e).splitlines()[0]}); pass --split") from e
+        raise AdapterkitError(f"cannot load dataset {name}: {str(e).splitlines()[0]}") from e
+    except (OSError, ConnectionError, FileNotFoundError) as e:
+        raise AdapterkitError(
+            f"dataset '{name}' is not available offline (not a local folder, not in the datasets cache); download it "
+            "once with network access, or save it with save_to_disk and pass that folder"
+        ) from e
+
+
+def _decode(value) -> Image.Image:
+    """A PIL image, a path, or datasets' {"bytes", "path"} dict -> RGB image; _Unreadable on any failure."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+    if value is None:
+        raise _Unreadable("empty image cell")
+    if isinstance(value, str) and not os.path.isfile(value):
+        raise _Unreadable(f"missing file {value}")
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(value) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _Unreadable(f"{value if isinstance(value, str) else 'image bytes'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def read_instructions_file(path: str) -> list[str]:
+    """One instruction per line; blank lines and lines starting with # are ignored."""
+    if not os.path.isfile(path):
+        raise AdapterkitError(f"instructions file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise AdapterkitError(f"instructions file {path} holds no instruction (one per line)")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def paired_transform(
+    example: EditExample, resolution: int, generator: torch.Generator, center_crop: bool = False, random_flip: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IP2P augmentation: shorter side -> resolution, one crop and one flip shared by input and target.
+
+    Returns two (3, R, R) tensors in [-1, 1]. The target is first resized to the input's size if they differ.
+    Draws exactly three numbers from `generator` (crop x, crop y, flip) whatever the options, so the random
+    stream does not depend on them.
+    """
+    source, target = example.input, example.target
+    if target.size != source.size:
+        target = target.resize(source.size, Image.BICUBIC)
+    w, h = source.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    source, target = source.resize(size, Image.BICUBIC), target.resize(size, Image.BICUBIC)
+    draws = torch.rand(3, generator=generator)
+    if center_crop:
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    else:
+        left, top = int(draws[0] * (size[0] - resolution + 1)), int(draws[1] * (size[1] - resolution + 1))
+    box = (left, top, left + resolution, top + resolution)
+    pair = torch.stack([to_tensor(source.crop(box)), to_tensor(target.crop(box))])  # (2, 3, R, R)
+    if random_flip and draws[2] < 0.5:
+        pair = pair.flip(-1)
+    return pair[0], pair[1]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> (3, H, W) float32 in [-1, 1], the VAE's input range."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def sample_instruction(example_instruction: str, synonyms: list[str], generator: torch.Generator) -> str:
+    """The example's own instruction, or one of `synonyms` drawn uniformly (one draw per example per step)."""
+    if not synonyms:
+        return example_instruction
+    return synonyms[int(torch.randint(len(synonyms), (1,), generator=generator))]
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 3, R, R) in [-1, 1] -> posterior mode, mean, std, each (B, 4, R/f, R/f), float32, unscaled.
+
+    The mode is what the IP2P pipeline feeds as the image condition (diffusers: `latent_dist.mode()`, no scaling
+    factor); mean and std let the training target be sampled per step, as diffusers' script does with `.sample()`.
+    """
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mode().float(), dist.mean.float(), dist.std.float()
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    """Instructions -> (B, 77, d) last hidden states of the text encoder, float32 (the UNet's cross-attention input)."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0].float()
+
+
+@dataclass
+class LatentCache:
+    """`--cache-latents`: every training row encoded once, for small datasets.
+
+    Images use the center crop (a random crop would need every crop encoded); with random_flip the mirrored pair
+    is encoded too, so flipping stays exact. Per row and flip: the conditioning latent is the VAE posterior mode
+    (what the pipeline uses at inference), the target keeps the posterior mean and std so a fresh target latent
+    is sampled every step exactly as without the cache. Text features are kept per distinct instruction.
+    Tensors live on the CPU: (N, F, 4, h, w) with F = 2 flips or 1.
+    """
+
+    rows: dict[int, int]  # dataset index -> position in the tensors
+    cond: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    text: dict[str, torch.Tensor]  # instruction -> (77, d)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, dataset: EditDataset, indices: list[int], vae, tokenizer, text_encoder, instructions: list[str],
+              resolution: int, random_flip: bool, batch_size: int = 8, quiet: bool = False) -> LatentCache:
+        from tqdm.auto import tqdm
+
+        flips = 2 if random_flip else 1
+        positions: dict[int, int] = {}
+        cond, mean, std = [], [], []
+        center = torch.Generator().manual_seed(0)  # paired_transform draws from it; center crop without flip ignores the draws
+        for start in tqdm(range(0, len(indices), batch_size), desc="cache latents", disable=quiet):
+            batch = [(i, ex) for i in indices[start:start + batch_size] if (ex := dataset.get(i)) is not None]
+            if not batch:
+                continue
+            pairs = [paired_transform(ex, resolution, center, center_crop=True, random_flip=False) for _i, ex in batch]
+            pixels = torch.stack([torch.stack(p) for p in pairs])  # (b, 2, 3, R, R): input, target
+            if flips == 2:
+                pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # (b, 2 flips, 2, 3, R, R)
+            else:
+                pixels = pixels[:, None]  # (b, 1, 2, 3, R, R)
+            b = pixels.shape[0]
+            flat = pixels.reshape(b * flips * 2, *pixels.shape[-3:])  # (b * F * 2, 3, R, R)
+            mode, mu, sigma = (t.reshape(b, flips, 2, *t.shape[1:]) for t in encode_images(vae, flat))
+            cond.append(mode[:, :, 0].cpu())  # input image -> condition
+            mean.append(mu[:, :, 1].cpu())  # target image -> posterior to sample from
+            std.append(sigma[:, :, 1].cpu())
+            for i, _ex in batch:
+                positions[i] = len(positions)
+        if not positions:
+            raise AdapterkitError(f"no training row of {dataset.source} has readable images ({len(dataset.skipped)} skipped)")
+        texts = sorted(set(instructions) | {dataset.instructions[i] for i in positions} | {""})
+        features = {}
+        for start in range(0, len(texts), 64):
+            chunk = texts[start:start + 64]
+            for text, feature in zip(chunk, encode_text(tokenizer, text_encoder, chunk).cpu()):
+                features[text] = feature
+        return cls(
+            rows=positions,
+            cond=torch.cat(cond),
+            mean=torch.cat(mean),
+            std=torch.cat(std),
+            text=features,
+        )
