@@ -165,7 +165,7 @@ def test_cli_prints_table_with_retention(first_run):
         view = report["tasks"][task]["merges"]["merged"]
         assert view["task_adapter"] == task
         assert view["psnr_retention"] == pytest.approx(retention)
-        assert f"merge merged: PSNR retention {retention:.3f} vs {task}" in stdout
+        assert f"merge merged: PSNR retention {retention:.3f} vs {task} (gain over base" in stdout
     assert "12 images generated, 0 from cache" in stdout
 
 
@@ -279,3 +279,34 @@ def test_bad_input_exits_2_with_one_line(setup, tmp_path):
     missing = CliRunner().invoke(main, ["eval", "--base", setup["base"], "--data", setup["data"], "--adapter",
                                         str(tmp_path / "nope"), "--output", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_instructions_from_the_adapter_for_data_without_instructions(setup, tmp_path):
+    data = str(tmp_path / "no-instructions")
+    write_edit_dataset(data, ["", ""])
+    for line_file in [os.path.join(data, "metadata.jsonl")]:  # drop the instruction column entirely
+        rows = [json.loads(line) for line in open(line_file, encoding="utf-8")]
+        with open(line_file, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "edit_prompt"}) + "\n" for r in rows)
+    output = str(tmp_path / "out")
+    result = run_eval(setup, output, ["derain"], "--data", data, "--instructions", "adapter", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(output, "report.json"), encoding="utf-8") as f:
+        section = json.load(f)["tasks"]["derain"]
+    # one task on a dataset that names no task: every row is the task's; the adapter's instruction is used
+    assert [(r["source_row"], r["instruction"]) for r in section["rows"]] == [(0, "derain the image")]
+
+
+def test_a_task_only_a_merge_contains_is_skipped_when_the_data_lacks_it(setup, tmp_path):
+    from adapterkit.adapters import load_adapter
+    from adapterkit.eval import build_columns, load_rows
+
+    merged = load_adapter(setup["adapters"]["merged"])
+    merged.extra["merge"]["sources"].append({"task": "lowlight", "instructions": ["brighten the image"]})
+    columns, tasks = build_columns([setup["adapters"]["derain"], merged])
+    assert tasks == ["derain", "denoise", "lowlight"]
+    rows, left_out = load_rows(setup["data"], tasks, columns, {"split": "train"}, "auto", 2, "data", 32, 5)
+    assert [r.source_row for r in rows["derain"]] == [0, 2] and [r.source_row for r in rows["denoise"]] == [1, 3]
+    assert [r.seed for r in rows["denoise"]] == [5, 6]
+    assert rows["derain"][0].input.size == (32, 32) and rows["derain"][0].target.size == (32, 32)
+    assert set(left_out) == {"lowlight"} and "no row" in left_out["lowlight"]

@@ -273,9 +273,15 @@ def select_task_rows(texts: list[str], tasks: list[str], task_rows: str) -> dict
 
 
 def _task_instructions(task: str, columns: list[Column]) -> list[str]:
+    """The task's stored instructions: from its adapter, else from a merge's record of that source."""
     for column in columns:
         if column.kind == "adapter" and column.adapter.task == task and column.adapter.instructions:
             return list(column.adapter.instructions)
+    for column in columns:
+        if column.kind == "merge":
+            for source in column.adapter.extra["merge"].get("sources") or []:
+                if isinstance(source, dict) and source.get("task") == task and source.get("instructions"):
+                    return [str(i) for i in source["instructions"]]
     return []
 
 

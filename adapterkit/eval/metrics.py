@@ -80,16 +80,21 @@ def l1(a, b) -> float:
     return float(np.mean(np.abs(x - y)))
 
 
-def _gaussian_taps() -> torch.Tensor:
-    offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)
-    taps = torch.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
+def _gaussian_taps() -> np.ndarray:
+    offsets = np.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
     return taps / taps.sum()  # (11,)
 
 
-def _window_mean(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Gaussian-weighted local mean over every window that fits: (C, 1, H, W) -> (C, 1, H-10, W-10)."""
-    x = torch.nn.functional.conv2d(x, taps.view(1, 1, -1, 1))  # separable: rows, then columns
-    return torch.nn.functional.conv2d(x, taps.view(1, 1, 1, -1))
+def _window_mean(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Gaussian-weighted local mean over every window that fits: (H, W, C) -> (H-10, W-10, C).
+
+    Separable: a sliding (11,) window along rows, then along columns, each a matrix product with the taps.
+    """
+    windows = np.lib.stride_tricks.sliding_window_view(x, len(taps), axis=0)  # (H-10, W, C, 11)
+    x = windows @ taps
+    windows = np.lib.stride_tricks.sliding_window_view(x, len(taps), axis=1)  # (H-10, W-10, C, 11)
+    return windows @ taps
 
 
 def ssim(a, b) -> float:
@@ -99,16 +104,13 @@ def ssim(a, b) -> float:
     if min(x.shape[:2]) < size:
         raise AdapterkitError(f"SSIM needs images of at least {size}x{size} pixels; got {x.shape[1]}x{x.shape[0]}")
     taps = _gaussian_taps()
-    # (H, W, 3) -> (3, 1, H, W): each channel is filtered on its own, as a batch of grey images
-    x = torch.from_numpy(x).permute(2, 0, 1).unsqueeze(1)
-    y = torch.from_numpy(y).permute(2, 0, 1).unsqueeze(1)
     mu_x, mu_y = _window_mean(x, taps), _window_mean(y, taps)
     var_x = _window_mean(x * x, taps) - mu_x**2
     var_y = _window_mean(y * y, taps) - mu_y**2
     cov = _window_mean(x * y, taps) - mu_x * mu_y
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # (K * data range)^2 with data range 1
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(s.mean(dim=(1, 2, 3)).mean())  # mean per channel, then over channels
+    return float(s.mean(axis=(0, 1)).mean())  # mean per channel, then over channels
 
 
 def t_quantile_975(df: int) -> float:

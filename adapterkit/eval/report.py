@@ -31,7 +31,8 @@ METRIC_LABELS = {
     "clip_image": "CLIP img",
     "clip_direction": "CLIP dir",
 }
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "lpips": False, "clip_image": True, "clip_direction": True}
+# None: no "best" highlight (CLIP image similarity measures how much of the input survives: a trade-off, not a goal).
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "l1": False, "lpips": False, "clip_image": None, "clip_direction": True}
 # Retention is undefined when the task adapter moves PSNR by less than this (dB) from the base.
 RETENTION_MIN_GAIN = 1e-3
 GRID_CELL = 128  # px: PNG grid cells are scaled to this width
@@ -62,6 +63,8 @@ def merge_view(rows: list[dict], summary: dict, merge_column: str, adapter_colum
     merged = summary[merge_column]["psnr"]["mean"]
     adapter = summary[adapter_column]["psnr"]["mean"]
     base = summary["base"]["psnr"]["mean"]
+    # the gains over the base, in dB: a retention far from [0, 1] usually means a gain within the noise
+    view["merged_gain_db"], view["adapter_gain_db"] = merged - base, adapter - base
     if abs(adapter - base) < RETENTION_MIN_GAIN:
         view["note"] = "the task adapter's PSNR equals the base's; retention is undefined"
     else:
@@ -108,7 +111,8 @@ def _merge_line(merge: str, view: dict) -> str:
     if adapter is None:
         return f"merge {merge}: retention n/a ({view['note']})"
     retention = "n/a" if view["psnr_retention"] is None else f"{view['psnr_retention']:.3f}"
-    return (f"merge {merge}: PSNR retention {retention} vs {adapter}; "
+    return (f"merge {merge}: PSNR retention {retention} vs {adapter} (gain over base: merged "
+            f"{view['merged_gain_db']:+.3f} dB, adapter {view['adapter_gain_db']:+.3f} dB); "
             f"PSNR to {adapter}'s outputs {_format_stat(view['psnr_vs_task_adapter'], 2)} dB")
 
 
@@ -154,7 +158,7 @@ def _metric_table(section: dict) -> str:
     best = {}
     for m in metrics:
         means = {c: section["metrics"][c][m]["mean"] for c in section["columns"] if m in section["metrics"][c]}
-        if means:
+        if means and HIGHER_IS_BETTER[m] is not None:
             best[m] = (max if HIGHER_IS_BETTER[m] else min)(means, key=means.get)
     head = "".join(f"<th>{html.escape(METRIC_LABELS[m])}</th>" for m in metrics)
     body = []
@@ -176,11 +180,13 @@ def _merge_table(section: dict) -> str:
     for merge, view in section["merges"].items():
         retention = "n/a" if view["psnr_retention"] is None else f"{view['psnr_retention']:.3f}"
         close = _format_stat(view["psnr_vs_task_adapter"], 2)
+        gains = [view.get("merged_gain_db"), view.get("adapter_gain_db")]
+        gains = ["-" if g is None else f"{g:+.3f}" for g in gains]
         rows.append(f"<tr><td>{html.escape(merge)}</td><td>{html.escape(str(view['task_adapter']))}</td>"
-                    f"<td>{retention}</td><td>{html.escape(close)}</td></tr>")
+                    f"<td>{retention}</td><td>{gains[0]}</td><td>{gains[1]}</td><td>{html.escape(close)}</td></tr>")
     return ('<table class="merges"><caption>merge view: retention = (merged - base) / (adapter - base) on PSNR'
-            "</caption><tr><th>merge</th><th>task adapter</th><th>PSNR retention</th>"
-            f"<th>PSNR to adapter outputs (dB)</th></tr>{''.join(rows)}</table>")
+            "</caption><tr><th>merge</th><th>task adapter</th><th>PSNR retention</th><th>merged gain (dB)</th>"
+            f"<th>adapter gain (dB)</th><th>PSNR to adapter outputs (dB)</th></tr>{''.join(rows)}</table>")
 
 
 def _grid_table(task_folder: str, section: dict) -> str:
@@ -207,7 +213,7 @@ def render_html(report: dict) -> str:
         f'<p>base <code>{html.escape(str(report["base"]["name_or_path"]))}</code> '
         f'(fingerprint <code>{html.escape(str(report["base"]["fingerprint"]))}</code>); data '
         f'<code>{html.escape(str(report["data"]["source"]))}</code> split {html.escape(str(report["data"]["split"]))}; '
-        f'{gen["steps"]} steps, guidance {gen["guidance"]}, image guidance {gen["image_guidance"]}, '
+        f'{gen["steps"]} step{"s" if gen["steps"] != 1 else ""}, guidance {gen["guidance"]}, image guidance {gen["image_guidance"]}, '
         f'resolution {gen["resolution"]}, seed {gen["seed"]} + row.</p>',
     ]
     for name, status in report["skipped"].items():
