@@ -361,11 +361,11 @@ def load_scorers(clip_model: str | None, device) -> Scorers:
 
 
 def score_task(output: str, folder: str, task_columns: list[Column], rows: list[TaskRow], scorers: Scorers,
-               adapter_column: str | None) -> list[dict]:
+               adapter_column: str | None, quiet: bool = False) -> list[dict]:
     """Per-row records {"row", "instruction", "seed", "metrics": {column: {metric: value}}, "vs_task_adapter"},
     computed from the saved PNGs."""
     records, directions = [], {}
-    for r in rows:
+    for r in tqdm(rows, desc=f"score {folder}", unit="row", disable=quiet):
         path = lambda column: os.path.join(output, "images", folder, column, f"{r.row}.png")  # noqa: E731
         source, target = _read_png(path("input")), _read_png(path("target"))
         outputs = {c.name: _read_png(path(c.name)) for c in task_columns}
@@ -485,7 +485,7 @@ def evaluate(
     for task in tasks:
         task_columns = [c for c in columns if task in c.tasks]
         adapter_column = next((c.name for c in task_columns if c.kind == "adapter"), None)
-        records = score_task(output, folders[task], task_columns, rows[task], scorers, adapter_column)
+        records = score_task(output, folders[task], task_columns, rows[task], scorers, adapter_column, quiet)
         sections[task] = task_section(task, folders[task], task_columns, records)
     report = build_report(loaded, data, {**data_options, "limit": limit, "task_rows": task_rows,
                                          "instructions": instructions}, settings, seed, columns, sections,
