@@ -148,3 +148,85 @@ def eval_command(adapters, **options):
     result = evaluate(adapters=list(adapters), **options)
     click.echo(result.table)
     click.echo(f"{result.generated} images generated, {result.cached} from cache -> {result.files['html']}")
+
+
+# --- demo-data command (issue 6) ---
+@main.command("demo-data")
+@click.option("--task", required=True,
+              help="Procedural task: derain, cartoonize, denoise, lowlight (held out from builtin:tiny) or a general "
+                   "edit (brighter, darker, contrast, grayscale, hue, blur, sharpen, invert, posterize, sepia).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Dataset folder to write (imagefolder + metadata.jsonl).")
+@click.option("--rows", default=200, show_default=True, type=int, help="Number of (input, instruction, target) rows.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of crops, degradations and phrasings.")
+@click.option("--resolution", default=64, show_default=True, type=int, help="Side of the square images (multiple of 8).")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]),
+              help="train or eval: crops from disjoint source photographs.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo_data_command(task, output, rows, seed, resolution, split, quiet):
+    """Write a procedural task as a dataset folder that `adapterkit train --data` reads."""
+    from .demo.tasks import write_task_dataset
+
+    click.echo(write_task_dataset(task, output, n=rows, seed=seed, resolution=resolution, split=split, quiet=quiet))
+
+
+# --- train command (issue 3) ---
+class _SectionedCommand(click.Command):
+    """--help lists options under the section each TrainConfig field names (required, data, adapter, ...)."""
+
+    def format_options(self, ctx, formatter):
+        from .train.config import FIELDS
+
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                group = FIELDS[param.name].metadata["group"] if param.name in FIELDS else "general"
+                sections.setdefault(group, []).append(record)
+        for group, records in sections.items():
+            with formatter.section(f"{group.capitalize()} options"):
+                formatter.write_dl(records)
+
+
+def _train_options(f):
+    """One flag per TrainConfig field; every default is None ("not given") so a --config file is only overridden by flags given."""
+    import typing
+
+    from .train.config import FIELDS, _HINTS
+
+    for name, field_ in reversed(list(FIELDS.items())):
+        meta, hint = field_.metadata, _HINTS[name]
+        flag = "--" + (meta["flag"] or name).replace("_", "-")
+        kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+        shown = "required" if meta["group"] == "required" else (f"default: {field_.default}" if field_.default not in (None, ()) else "")
+        help_text = meta["help"] + (f" [{shown}]" if shown else "")
+        if kinds[0] is bool:
+            f = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(f)
+        elif typing.get_origin(kinds[0]) is tuple:
+            f = click.option(flag, name, multiple=True, help=help_text)(f)
+        else:
+            kind = click.Choice(meta["choices"]) if meta["choices"] else kinds[0]
+            f = click.option(flag, name, type=kind, default=None, help=help_text)(f)
+    return f
+
+
+@main.command("train", cls=_SectionedCommand)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of settings (keys: the option names with underscores); flags override it.")
+@_train_options
+def train_command(config_file, **flags):
+    """Train one task adapter (Custom Diffusion K/V or LoRA) on an edit dataset; write it to --output.
+
+    Multi-process: `accelerate launch --num_processes N $(which adapterkit) train ...` or
+    `torchrun --nproc_per_node N --no-python adapterkit train ...`.
+    """
+    from .train import TrainConfig, train
+    from .train.loop import TrainingInterrupted
+
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    cfg = TrainConfig.from_sources(config_file, given)
+    try:
+        adapter = train(cfg)
+    except TrainingInterrupted as e:
+        click.echo(f"interrupted: {e}", err=True)
+        sys.exit(130)
+    final = adapter.training.get("final_loss")
+    click.echo(f"{adapter.method} adapter '{adapter.task}' -> {adapter.path}" + (f" (final loss {final:.4f})" if final is not None else ""))

@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""Build the bundled tiny InstructPix2Pix base (`builtin:tiny`) from the procedural general edits.
+
+    python scripts/build_tiny_base.py                    # bank (if missing) + VAE + UNet + save + evaluate
+    python scripts/build_tiny_base.py --bank-only        # only adapterkit/demo/source_images.safetensors
+    python scripts/build_tiny_base.py --evaluate-only    # PSNR table of the saved base on held-out crops
+
+What it trains, in order, on 2 CPU threads (seeded; the same machine and torch version reproduce it exactly):
+1. a tiny AutoencoderKL (3 blocks of 16/32/32 channels: 64 px -> 16x16x4 latents) on 32 px patches of clean
+   crops and of their general edits, MSE + a small KL term; its `scaling_factor` is set to 1 / std of the latents so diffusion sees unit-variance latents;
+2. a tiny 8-channel IP2P UNet (noise-prediction MSE on SD's DDPM schedule with min-SNR weighting, inputs = noisy
+   target latent (4) concatenated with the input image latent `latent_dist.mode()` without scaling (4), as
+   diffusers' train_instruct_pix2pix.py), jointly with a 2-layer CLIP text encoder (width 32) over adapterkit's
+   documented small vocabulary (`adapterkit.tiny.TINY_WORDS`, characters otherwise), with IP2P conditioning dropout
+   (5% text only, 5% image only, 5% both). EMA weights are saved. The text encoder is frozen from then on:
+   adapters change only the UNet's attn2 K/V (Custom Diffusion) or add LoRA.
+Only GENERAL_TASKS are used; the held-out tasks (derain, cartoonize, denoise, lowlight) are never seen.
+The pipeline is saved with a DDIM scheduler and `adapterkit_base.json` (resolution, defaults, provenance, metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from adapterkit.demo import tasks  # noqa: E402
+
+DEFAULT_OUTPUT = os.path.join(REPO, "adapterkit", "demo", "tiny_base")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 0  # one seed for crops, init, batches, noise
+    resolution: int = 64  # training and default editing resolution (px)
+    pool_size: int = 2000  # clean training pictures (each seen with every general edit)
+    vae_steps: int = 1500  # AutoencoderKL optimisation steps
+    vae_batch: int = 32
+    vae_crop: int = 32  # the VAE is convolutional: train it on random crops of this size (4x cheaper than 64)
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6  # on the per-sample KL sum; just enough to keep latents bounded
+    unet_steps: int = 3500  # UNet + text encoder optimisation steps
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    warmup_steps: int = 200  # linear warm-up, then cosine decay to 10%
+    ema_decay: float = 0.999
+    conditioning_dropout: float = 0.05  # IP2P: each of text-only / image-only / both dropped with this probability
+    min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023)
+    default_steps: int = 20  # what `adapterkit demo` and the README table use
+    default_guidance: float = 5.0
+    default_image_guidance: float = 1.5
+    threads: int = 2  # torch intra-op threads; on a busy machine 1 is faster (no spinning on contended cores)
+
+
+# ---------------------------------------------------------------- source image bank
+
+# (bank name, loader, licence / attribution). Only images whose licence allows redistribution.
+_BANK_SOURCES = (
+    ("astronaut", "skimage:astronaut", "public domain (NASA), via scikit-image"),
+    ("brick", "skimage:brick", "CC0 (CC0Textures), via scikit-image"),
+    ("camera", "skimage:camera", "CC0 (Lav Varshney), via scikit-image"),
+    ("chelsea", "skimage:chelsea", "CC0 (Stefan van der Walt), via scikit-image"),
+    ("china", "sklearn:china.jpg", "CC BY 2.0, danielbuechele (flickr.com/photos/danielbuechele/6061409035), via scikit-learn"),
+    ("coffee", "skimage:coffee", "CC0 (Rachel Michetti), via scikit-image"),
+    ("coins", "skimage:coins", "no known copyright restrictions (Brooklyn Museum), via scikit-image"),
+    ("flower", "sklearn:flower.jpg", "CC BY 2.0, vultilion (flickr.com/photos/vultilion/6056698931), via scikit-learn"),
+    ("grass", "skimage:grass", "CC0 (linolafett, DeviantArt), via scikit-image"),
+    ("gravel", "skimage:gravel", "CC0 (CC0Textures), via scikit-image"),
+    ("hubble_deep_field", "skimage:hubble_deep_field", "public domain (NASA), via scikit-image"),
+    ("immunohistochemistry", "skimage:immunohistochemistry", "no known copyright restrictions (CMMI), via scikit-image"),
+    ("retina", "skimage:retina", "CC0 (Mikael Haggstrom), via scikit-image"),
+    ("rocket", "skimage:rocket", "public domain (SpaceX), via scikit-image"),
+)
+BANK_SHORT_SIDE = 192
+
+
+def _load_source(loader: str) -> np.ndarray:
+    kind, name = loader.split(":")
+    if kind == "skimage":
+        import skimage.data
+
+        img = getattr(skimage.data, name)()
+    else:
+        from sklearn.datasets import load_sample_image
+
+        img = load_sample_image(name)
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return img[..., :3].astype(np.uint8)
+
+
+def build_source_bank(path: str = tasks.source_bank_path()) -> str:
+    """Downscale each source photograph so its shorter side is BANK_SHORT_SIDE; save uint8 (H, W, 3) tensors."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    from adapterkit.fileio import atomic_file
+
+    bank, licences = {}, {}
+    for name, loader, licence in _BANK_SOURCES:
+        img = Image.fromarray(_load_source(loader))
+        scale = BANK_SHORT_SIDE / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+        bank[name] = np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+        licences[name] = licence
+    tmp = path + ".tmp"
+    save_file(bank, tmp, metadata={"licences": json.dumps(licences), "short_side": str(BANK_SHORT_SIDE)})
+    with open(tmp, "rb") as src, atomic_file(path) as dst:
+        dst.write(src.read())
+    os.remove(tmp)
+    return path
+
+
+# ---------------------------------------------------------------- models
+
+
+def make_models(cfg: BuildConfig):
+    """Tokenizer, text encoder, VAE (64 px -> 16x16x4) and 8-channel UNet (16 -> 8 -> 4 latent pixels)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adapterkit.tiny import make_tiny_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = make_tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(vocab),
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    ))
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=16, sample_size=cfg.resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // 4, in_channels=8, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    return tokenizer, text_encoder, vae, unet
+
+
+# ---------------------------------------------------------------- data
+
+
+def clean_pool(cfg: BuildConfig) -> np.ndarray:
+    """(N, R, R, 3) uint8: the train split's clean pictures 0..N-1."""
+    from tqdm.auto import tqdm
+
+    pics = [tasks.clean_picture(i, cfg.seed, cfg.resolution, "train") for i in tqdm(range(cfg.pool_size), desc="crops")]
+    return np.round(np.stack(pics) * 255).astype(np.uint8)
+
+
+def edited(pool_u8: np.ndarray, task: str) -> np.ndarray:
+    """Apply one general edit to every picture: (N, R, R, 3) uint8 -> same. General edits use no randomness."""
+    spec = tasks.TASKS[task]
+    rng = np.random.default_rng(0)
+    out = [spec.make_pair(img.astype(np.float32) / 255.0, rng)[1] for img in pool_u8]
+    return np.round(np.clip(np.stack(out), 0, 1) * 255).astype(np.uint8)
+
+
+def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------- stage 1: VAE
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, pool: np.ndarray, edits: dict[str, np.ndarray], cfg: BuildConfig, quiet: bool) -> dict:
+    """Reconstruct clean pictures and their edits (each batch mixes all of them)."""
+    from tqdm.auto import tqdm
+
+    gen = np.random.default_rng([cfg.seed, 101])
+    stacks = [pool] + [edits[t] for t in tasks.GENERAL_TASKS]
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=quiet)
+    recent = []
+    for step in bar:
+        which, rows = gen.integers(len(stacks), size=cfg.vae_batch), gen.integers(len(pool), size=cfg.vae_batch)
+        top, left = gen.integers(0, cfg.resolution - cfg.vae_crop + 1, size=2)
+        crops = [stacks[w][r, top : top + cfg.vae_crop, left : left + cfg.vae_crop] for w, r in zip(which, rows)]
+        x = to_tensor(np.stack(crops))  # (B, 3, crop, crop)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + cfg.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        recent = (recent + [mse.item()])[-100:]
+        if step % 50 == 0:
+            bar.set_postfix(psnr=f"{10 * math.log10(4 / np.mean(recent)):.2f}")  # range [-1, 1]: peak^2 = 4
+    vae.eval()
+    return {"vae_train_psnr": 10 * math.log10(4 / float(np.mean(recent)))}
+
+
+@torch.no_grad()
+def encode_all(vae, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """(N, R, R, 3) uint8 -> (N, 4, R/4, R/4) latent_dist.mode(), unscaled (as IP2P conditions on it)."""
+    return torch.cat([vae.encode(to_tensor(images_u8[i : i + batch])).latent_dist.mode() for i in range(0, len(images_u8), batch)])
+
+
+# ---------------------------------------------------------------- stage 2: UNet + text encoder
+
+
+def _prompt_table(tokenizer) -> tuple[list[list[str]], torch.Tensor]:
+    """Phrasings per general task (index t), and token ids (P, 77) of all phrasings followed by "" (the last row)."""
+    phrasings = [list(tasks.TASKS[t].instructions) for t in tasks.GENERAL_TASKS]
+    flat = [p for group in phrasings for p in group] + [""]
+    ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return phrasings, ids
+
+
+def train_unet(unet, text_encoder, tokenizer, cond: torch.Tensor, targets: torch.Tensor, cfg: BuildConfig, quiet: bool):
+    """IP2P objective. cond: (N, 4, h, w) input latents; targets: (T, N, 4, h, w) scaled latents of each edit."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    alphas = scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)  # (1000,)
+    phrasings, ids = _prompt_table(tokenizer)
+    offsets = np.cumsum([0] + [len(p) for p in phrasings])  # row of task t's first phrasing in `ids`
+    empty_row = len(ids) - 1
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-4)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 202)
+    n_tasks, n = targets.shape[:2]
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(cfg.unet_steps), desc="unet", disable=quiet)
+    recent = []
+    for step in bar:
+        b = cfg.unet_batch
+        task = torch.randint(n_tasks, (b,), generator=gen)
+        row = torch.randint(n, (b,), generator=gen)
+        phrasing = torch.tensor([offsets[t] + int(torch.randint(len(phrasings[t]), (1,), generator=gen)) for t in task])
+        # IP2P conditioning dropout: one uniform r per example; text -> "" if r < 2p, image -> 0 if p <= r < 3p.
+        r = torch.rand(b, generator=gen)
+        p = cfg.conditioning_dropout
+        phrasing = torch.where(r < 2 * p, torch.full_like(phrasing, empty_row), phrasing)
+        image_cond = cond[row] * ((r < p) | (r >= 3 * p)).float()[:, None, None, None]
+        latents = targets[task, row]  # (B, 4, h, w)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (b,), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        unique, inverse = torch.unique(phrasing, return_inverse=True)  # encode each distinct prompt once
+        text = text_encoder(ids[unique])[0][inverse]  # (B, 77, 32)
+        pred = unet(torch.cat([noisy, image_cond], dim=1), t, text).sample
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # min-SNR-gamma for epsilon prediction
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        ema_text.step(text_encoder.parameters())
+        recent = (recent + [loss.item()])[-200:]
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+    ema.copy_to(unet.parameters())
+    ema_text.copy_to(text_encoder.parameters())
+    unet.eval()
+    text_encoder.eval()
+    return {"unet_final_loss": float(np.mean(recent))}
+
+
+# ---------------------------------------------------------------- save and evaluate
+
+
+def save_base(output: str, tokenizer, text_encoder, vae, unet, cfg: BuildConfig, provenance: dict) -> str:
+    from diffusers import DDIMScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from adapterkit.base import BASE_INFO_FILE
+    from adapterkit.fileio import atomic_folder
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+    )
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    info = {
+        "resolution": cfg.resolution,
+        "default_steps": cfg.default_steps,
+        "default_guidance": cfg.default_guidance,
+        "default_image_guidance": cfg.default_image_guidance,
+        "general_tasks": list(tasks.GENERAL_TASKS),
+        "heldout_tasks": list(tasks.HELDOUT_TASKS),
+        "made_by": "scripts/build_tiny_base.py",
+        "build_config": dataclasses.asdict(cfg),
+        **provenance,
+    }
+    with atomic_folder(output) as tmp:
+        pipe.save_pretrained(tmp)
+        with open(os.path.join(tmp, BASE_INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+    return output
+
+
+def evaluate(path: str, n: int, steps: int, guidance: float, image_guidance: float, seed: int = 0) -> dict:
+    """PSNR table on the eval split (held-out photographs) for every task, plus a text-conditioning check."""
+    from adapterkit.base import load_base
+
+    base = load_base(path)
+    scores = [
+        tasks.score_task(base.pipe, t, n=n, seed=seed, resolution=base.resolution, split="eval", steps=steps,
+                         guidance=guidance, image_guidance=image_guidance)
+        for t in tasks.TASKS
+    ]
+    return {"scores": scores, "instruction_spread": instruction_spread(base.pipe, steps, guidance, image_guidance)}
+
+
+def instruction_spread(pipe, steps: int, guidance: float, image_guidance: float, n_images: int = 4) -> float:
+    """Mean pixel distance between outputs for different general edits on the same image: > 0 means the text is used."""
+    from PIL import Image
+
+    outputs = []
+    for t in tasks.GENERAL_TASKS:
+        imgs = [Image.fromarray(tasks.make_example(t, i, split="eval").input) for i in range(n_images)]
+        out = pipe(prompt=[tasks.TASKS[t].instructions[0]] * n_images, image=imgs, num_inference_steps=steps,
+                   guidance_scale=guidance, image_guidance_scale=image_guidance, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(0)).images
+        outputs.append(out)
+    outputs = np.stack(outputs)  # (T, n_images, H, W, 3)
+    dists = [np.abs(outputs[a] - outputs[b]).mean() for a in range(len(outputs)) for b in range(a + 1, len(outputs))]
+    return float(np.mean(dists))
+
+
+def _print_evaluation(result: dict) -> None:
+    general = [s for s in result["scores"] if s["task"] in tasks.GENERAL_TASKS]
+    heldout = [s for s in result["scores"] if s["task"] in tasks.HELDOUT_TASKS]
+    print("general edits (the base learned these):")
+    print(tasks.format_scores(general))
+    print(f"edits gaining >= 3 dB: {sum(s['gain'] >= 3 for s in general)} of {len(general)}")
+    print("held-out tasks (never seen; adapters learn these):")
+    print(tasks.format_scores(heldout))
+    print(f"instruction spread (mean |output_a - output_b| across edits): {result['instruction_spread']:.4f}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def build(cfg: BuildConfig, output: str, quiet: bool) -> dict:
+    start = time.time()
+    torch.set_num_threads(cfg.threads)
+    if not os.path.isfile(tasks.source_bank_path()):
+        build_source_bank()
+    tokenizer, text_encoder, vae, unet = make_models(cfg)
+    pool = clean_pool(cfg)
+    edits = {t: edited(pool, t) for t in tasks.GENERAL_TASKS}
+    stats = train_vae(vae, pool, edits, cfg, quiet)
+    vae.requires_grad_(False)
+    cond = encode_all(vae, pool)  # (N, 4, h, w), unscaled
+    targets = torch.stack([encode_all(vae, edits[t]) for t in tasks.GENERAL_TASKS])  # (T, N, 4, h, w)
+    scaling = float(1.0 / targets.std())
+    vae.register_to_config(scaling_factor=scaling)
+    stats.update(train_unet(unet, text_encoder, tokenizer, cond, targets * scaling, cfg, quiet))
+    provenance = {
+        "seed": cfg.seed, "vae_scaling_factor": scaling, "build_seconds": round(time.time() - start),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+        "python": platform.python_version(), "cpu_threads": cfg.threads, **stats,
+    }
+    save_base(output, tokenizer, text_encoder, vae, unet, cfg, provenance)
+    return provenance
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="pipeline folder (default: the bundled base)")
+    parser.add_argument("--bank-only", action="store_true", help="only write the source image bank")
+    parser.add_argument("--evaluate-only", action="store_true", help="only evaluate the pipeline at --output")
+    parser.add_argument("--eval-rows", type=int, default=16, help="eval rows per task")
+    parser.add_argument("--eval-steps", type=int, help="override the base's default_steps for the evaluation")
+    parser.add_argument("--eval-guidance", type=float, help="override default_guidance for the evaluation")
+    parser.add_argument("--eval-image-guidance", type=float, help="override default_image_guidance for the evaluation")
+    parser.add_argument("--quiet", action="store_true")
+    for field in dataclasses.fields(BuildConfig):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    if args.bank_only:
+        print(build_source_bank())
+        return 0
+    if not args.evaluate_only:
+        print(json.dumps(build(cfg, args.output, args.quiet), indent=2))
+    torch.set_num_threads(cfg.threads)
+    info_path = os.path.join(args.output, "adapterkit_base.json")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    settings = {
+        "steps": args.eval_steps or info["default_steps"],
+        "guidance": info["default_guidance"] if args.eval_guidance is None else args.eval_guidance,
+        "image_guidance": info["default_image_guidance"] if args.eval_image_guidance is None else args.eval_image_guidance,
+    }
+    print(f"evaluating {args.output}: {args.eval_rows} eval rows per task, {settings}")
+    result = evaluate(args.output, args.eval_rows, **settings)
+    _print_evaluation(result)
+    if not args.evaluate_only:  # record the figures with the base they describe
+        info["evaluation"] = {"split": "eval", "rows_per_task": args.eval_rows, **settings, **result}
+        with open(info_path, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
