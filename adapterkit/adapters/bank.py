@@ -3,9 +3,11 @@
 - Custom Diffusion: the base K/V are kept once; activating copies the task's K/V into the live weights with
   `copy_()` (same Parameter objects, so a compiled UNet is not recompiled); deactivating copies the base back.
 - LoRA: one live peft adapter slot named LIVE_LORA, sized for the widest rank and the union of target modules of
-  every LoRA in the bank, with `enable_lora_hotswap` called before its first load; activating hot-swaps the task's
-  A/B into it through diffusers (`hotswap=True`), which also rewrites each layer's scaling tensor in place.
-  Deactivating writes scaling 0 in place: base output exactly, no recompile. We never call `set_adapters` or pass
+  every LoRA in the bank, loaded through diffusers after `enable_lora_hotswap` (which turns each layer's scaling
+  into a tensor). Activating writes the task's A/B into the slot, zero-padded to the slot's rank, and its alpha/r
+  into the scaling tensors, in place: what peft's hotswap does, but with the slot's tensors resolved once
+  (diffusers' `load_lora_weights(hotswap=True)` walks the whole UNet several times per call: ~60 ms on the tiny
+  base, see bench/swap.py). Deactivating writes scaling 0 in place: base output exactly, no recompile. We never call `set_adapters` or pass
   a LoRA `scale`: after a hotswap each layer keeps the first adapter's r/alpha, so those would compute the wrong
   strength and recompile (REFERENCE.md, hot-swap facts).
 - Routing: an instruction goes to the task whose stored instructions are closest in the text encoder's pooled
@@ -64,6 +66,7 @@ class AdapterBank:
         self._kv_dirty: set[str] = set()  # K/V layers currently holding a Custom Diffusion task's weights
         self._lora_slot: tuple[int, frozenset[str]] | None = None  # (rank, modules) of the live LoRA slot
         self._lora_on = False
+        self._slot_tensors: dict = {}
 
     # ----------------------------------------------------------------------------------------------- contents
     @property
@@ -112,11 +115,11 @@ class AdapterBank:
             adapter = self.get(task) if task is not None else None
             self._restore_base_kv()
             if adapter is not None and adapter.method == custom_diffusion.METHOD:
-                custom_diffusion.swap_in(self.pipe.unet, adapter.tensors)
+                custom_diffusion.swap_in(self.pipe.unet, adapter.tensors, self._kv_layers)
                 self._kv_dirty = set(adapter.tensors)
             if adapter is not None and adapter.method == lora.METHOD:
                 self.prepare()
-                lora.load_into_pipeline(self.pipe, adapter.tensors, adapter.lora, LIVE_LORA, hotswap=True)
+                lora.swap_into_slot(self._slot_tensors, adapter.tensors, adapter.lora, LIVE_LORA)
                 self._lora_on = True
             elif self._lora_on:
                 self._set_lora_scaling(0.0)
@@ -129,7 +132,7 @@ class AdapterBank:
 
     def _restore_base_kv(self) -> None:
         if self._kv_dirty:
-            custom_diffusion.swap_in(self.pipe.unet, {name: self._base_kv[name] for name in self._kv_dirty})
+            custom_diffusion.swap_in(self.pipe.unet, {name: self._base_kv[name] for name in self._kv_dirty}, self._kv_layers)
             self._kv_dirty = set()
 
     def _lora_adapters(self) -> list[Adapter]:
@@ -156,8 +159,8 @@ class AdapterBank:
         self.pipe.unet.enable_lora_hotswap(target_rank=rank, check_compiled="ignore")
         lora.load_into_pipeline(self.pipe, zeros, {"r": rank, "lora_alpha": float(rank), "target_modules": modules}, LIVE_LORA)
         self._lora_slot = (rank, frozenset(modules))
-        self._lora_on = True  # the zero adapter is live; scaling set to 0 below keeps it inert
-        self._set_lora_scaling(0.0)
+        self._slot_tensors = lora.live_slot(self.pipe.unet, LIVE_LORA)
+        self._set_lora_scaling(0.0)  # the zero adapter is live; scaling 0 keeps it inert
         self._lora_on = False
 
     def _rebuild_lora_slot(self) -> None:
@@ -176,13 +179,11 @@ class AdapterBank:
 
     def _set_lora_scaling(self, value: float) -> None:
         """Write every live-slot layer's scaling in place (a tensor after enable_lora_hotswap: no recompile)."""
-        for module in self.pipe.unet.modules():
-            scaling = getattr(module, "scaling", None)
-            if isinstance(scaling, dict) and LIVE_LORA in scaling:
-                if isinstance(scaling[LIVE_LORA], torch.Tensor):
-                    scaling[LIVE_LORA].fill_(value)
-                else:
-                    scaling[LIVE_LORA] = value
+        for _a, _b, scaling in self._slot_tensors.values():
+            if isinstance(scaling[LIVE_LORA], torch.Tensor):
+                scaling[LIVE_LORA].fill_(value)
+            else:
+                scaling[LIVE_LORA] = value
 
     # ------------------------------------------------------------------------------------------------- routing
     def route(self, instruction: str) -> tuple[str | None, float]:

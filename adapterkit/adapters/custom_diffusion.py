@@ -59,9 +59,12 @@ def delta_weights(tensors: dict[str, torch.Tensor], base_weights: dict[str, torc
     return {name: tensors[name].float() - base_weights[name].float() for name in tensors}
 
 
-def swap_in(unet, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy the task's K/V into the live weights in place: same Parameter objects, so compiled graphs stay valid."""
-    layers = cross_attention_kv_layers(unet)
+def swap_in(unet, tensors: dict[str, torch.Tensor], layers: dict[str, torch.nn.Linear] | None = None) -> None:
+    """Copy the task's K/V into the live weights in place: same Parameter objects, so compiled graphs stay valid.
+
+    `layers` (from cross_attention_kv_layers) may be passed to skip walking the UNet on every swap.
+    """
+    layers = layers if layers is not None else cross_attention_kv_layers(unet)
     with torch.no_grad():
         for name, weight in tensors.items():
             layers[name].weight.copy_(weight)

@@ -199,6 +199,42 @@ def load_into_pipeline(pipe, tensors: dict[str, torch.Tensor], config: dict, ada
     )
 
 
+def live_slot(unet, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Module path -> (lora_A weight (R, d_in), lora_B weight (d_out, R), the layer's scaling dict) of a loaded adapter."""
+    slot = {}
+    for name, module in unwrap_compiled(unet).named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and adapter_name in lora_a:
+            slot[name] = (lora_a[adapter_name].weight, module.lora_B[adapter_name].weight, module.scaling)
+    return slot
+
+
+def swap_into_slot(slot: dict, tensors: dict[str, torch.Tensor], config: dict, adapter_name: str) -> None:
+    """Write an adapter into a live slot in place, as peft's hotswap does, without walking the model each time.
+
+    A (r, d_in) fills rows [:r] of the slot's (R, d_in), B (d_out, r) columns [:r] of (d_out, R); the rest is zero,
+    so B_slot @ A_slot == B @ A exactly. Each layer's scaling tensor gets alpha/r of the new adapter. Slot modules
+    the adapter does not target are zeroed. Same Parameter objects throughout: a compiled UNet does not recompile.
+    """
+    with torch.no_grad():
+        for module, (slot_a, slot_b, scaling) in slot.items():
+            a = tensors.get(f"{module}.lora_A.weight")
+            if a is None:
+                slot_a.zero_()
+                slot_b.zero_()
+                continue
+            r = a.shape[0]
+            slot_a[:r].copy_(a)
+            slot_a[r:].zero_()
+            slot_b[:, :r].copy_(tensors[f"{module}.lora_B.weight"])
+            slot_b[:, r:].zero_()
+            value = scale(config, module)
+            if isinstance(scaling[adapter_name], torch.Tensor):
+                scaling[adapter_name].fill_(value)
+            else:
+                scaling[adapter_name] = value
+
+
 def fuse_into_base(unet, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Add scale * B A to each target weight for good (no peft layers left behind)."""
     named = dict(unwrap_compiled(unet).named_modules())
