@@ -11,7 +11,12 @@ import os
 import shutil
 import tempfile
 
+from safetensors import SafetensorError
+
 from .errors import AdapterkitError
+
+# safetensors reports a full disk or a file-size limit as SafetensorError("... I/O error: ..."), not OSError.
+_WRITE_ERRORS = (OSError, SafetensorError)
 
 
 def _prepare_parent(path: str) -> str:
@@ -48,9 +53,9 @@ def atomic_folder(path: str):
         os.rename(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except _WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AdapterkitError(f"cannot write {path}: {e.strerror or e}; check free space and permissions") from e
+        raise AdapterkitError(f"cannot write {path}: {_reason(e)}; check free space and permissions") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -68,12 +73,17 @@ def atomic_file(path: str, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except _WRITE_ERRORS as e:
         _remove_quietly(tmp)
-        raise AdapterkitError(f"cannot write {path}: {e.strerror or e}; check free space and permissions") from e
+        raise AdapterkitError(f"cannot write {path}: {_reason(e)}; check free space and permissions") from e
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def write_json(path: str, data) -> None:

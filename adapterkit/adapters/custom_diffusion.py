@@ -41,8 +41,17 @@ def extract(unet) -> dict[str, torch.Tensor]:
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], unet) -> None:
-    """Raise on the first tensor whose layer is missing from this UNet or has another shape."""
+    """Raise on the first tensor whose layer is missing from this UNet or has another shape, or on a missing layer.
+
+    A Custom Diffusion file always covers every attn2 K/V of its UNet; fewer layers means a damaged file.
+    """
     layers = cross_attention_kv_layers(unet)
+    missing = sorted(set(layers) - set(tensors))
+    if missing:
+        raise AdapterkitError(
+            f"adapter lacks {len(missing)} of the base's {len(layers)} K/V layers (first: {missing[0]}); "
+            "the file is incomplete or made for another UNet"
+        )
     for name in sorted(tensors):
         if name not in layers:
             raise AdapterkitError(f"adapter layer {name} does not exist in this base; the adapter was made for another UNet")

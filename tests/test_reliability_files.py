@@ -1,0 +1,244 @@
+"""Hostile and broken files: one-line errors (AdapterkitError -> exit 2), nothing executed, nothing changed (issue 7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from factories import random_custom_diffusion, random_lora
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from adapterkit.adapters import load_adapter, save_adapter
+from adapterkit.adapters.bank import AdapterBank
+from adapterkit.errors import AdapterkitError
+from adapterkit.inference import open_image
+
+CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
+
+
+def tree_digest(folder) -> dict:
+    out = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def cd_folder(tiny_base, tmp_path):
+    return save_adapter(random_custom_diffusion(tiny_base, "derain"), str(tmp_path / "derain"))
+
+
+class Payload:
+    """Unpickling this would create a marker file: the test proves it never happens."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_payload_in_a_bin_adapter_never_runs(tiny_base, tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"x.attn2.processor.to_k_custom_diffusion.weight": Payload(str(marker))},
+               folder / "pytorch_custom_diffusion_weights.bin")
+    with pytest.raises(AdapterkitError, match="not a plain tensor checkpoint"):
+        load_adapter(str(folder), task="evil")
+    assert not marker.exists()
+
+
+def _rewrite(folder, change):
+    path = os.path.join(folder, CD_FILE)
+    sd = load_file(path)
+    change(sd)
+    save_file(sd, path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda sd: sd.update({k: v.to(torch.int32) for k, v in list(sd.items())[:1]}), "must be floating point"),
+        (lambda sd: sd.update({k: v.T.contiguous() for k, v in list(sd.items())[:1]}), "has shape"),
+        (lambda sd: next(iter(sd.values())).__setitem__((0, 0), float("nan")), "NaN or Inf"),
+        (lambda sd: next(iter(sd.values())).__setitem__((0, 0), float("inf")), "NaN or Inf"),
+        (lambda sd: sd.pop(next(iter(sd))), "adapter lacks 1 of the base's 12 K/V layers"),
+        (lambda sd: sd.update({"nope.attn2.processor.to_k_custom_diffusion.weight": torch.zeros(2, 2)}), "does not exist in this base"),
+        (lambda sd: sd.update({"x.attn2.processor.to_q_custom_diffusion.weight": torch.zeros(2, 2)}), "unsupported key"),
+    ],
+)
+def test_damaged_safetensors_are_refused(tiny_base, cd_folder, change, message):
+    _rewrite(cd_folder, change)
+    before = tree_digest(cd_folder)
+    with pytest.raises(AdapterkitError, match=message) as info:
+        AdapterBank(tiny_base).add(load_adapter(cd_folder))
+    assert "\n" not in str(info.value)
+    assert tree_digest(cd_folder) == before
+
+
+def test_truncated_and_empty_safetensors_are_refused(cd_folder):
+    path = os.path.join(cd_folder, CD_FILE)
+    data = open(path, "rb").read()
+    for damaged in (data[: len(data) // 2], b"", b"\x00" * 8):
+        open(path, "wb").write(damaged)
+        with pytest.raises(AdapterkitError, match="not a readable safetensors file"):
+            load_adapter(cd_folder)
+
+
+def test_lora_with_missing_or_extra_keys_is_refused(tiny_base, tmp_path):
+    folder = save_adapter(random_lora(tiny_base, "derain"), str(tmp_path / "lora"))
+    path = os.path.join(folder, "pytorch_lora_weights.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    sd = load_file(path)
+    first_up = next(k for k in sd if k.endswith("lora.up.weight"))
+    save_file({k: v for k, v in sd.items() if k != first_up}, path, metadata=metadata)
+    with pytest.raises(AdapterkitError, match="lacks its lora_A or lora_B"):
+        AdapterBank(tiny_base).add(load_adapter(folder))
+    save_file({**sd, "unet.down_blocks.9.attn2.to_k.lora.down.weight": torch.zeros(4, 32),
+               "unet.down_blocks.9.attn2.to_k.lora.up.weight": torch.zeros(32, 4)}, path, metadata=metadata)
+    with pytest.raises(AdapterkitError, match="does not exist in this base"):
+        AdapterBank(tiny_base).add(load_adapter(folder))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(format=2), "has format 2; this adapterkit reads format 1"),
+        (lambda m: m.pop("format"), "has format None"),
+        (lambda m: m.update(instructions="derain the image"), "field 'instructions' must be a list"),
+        (lambda m: m.update(instructions=[1, 2]), "every entry of 'instructions' must be a string"),
+        (lambda m: m.update(task=7), "field 'task' must be a str"),
+        (lambda m: m.pop("method"), "lacks the field 'method'"),
+        (lambda m: m.update(base="tiny"), "field 'base' must be an object"),
+    ],
+)
+def test_bad_adapter_json_is_refused(cd_folder, edit, message):
+    path = os.path.join(cd_folder, "adapter.json")
+    meta = json.loads(open(path).read())
+    edit(meta)
+    open(path, "w").write(json.dumps(meta))
+    with pytest.raises(AdapterkitError, match=message):
+        load_adapter(cd_folder)
+    open(path, "w").write("{not json")
+    with pytest.raises(AdapterkitError, match="is not valid JSON"):
+        load_adapter(cd_folder)
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_images_of_every_mode_are_converted_not_refused(tmp_path):
+    rgb = Image.fromarray((np.random.RandomState(0).rand(20, 30, 3) * 255).astype(np.uint8))
+    cases = {
+        "gray.png": rgb.convert("L"),
+        "rgba.png": rgb.convert("RGBA"),
+        "palette.png": rgb.convert("P"),
+        "gray16.png": Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)),
+    }
+    for name, img in cases.items():
+        out = open_image(_save(img, tmp_path / name))
+        assert out.mode == "RGB" and out.size == (30, 20), name
+    # 16-bit is rescaled from the 0..65535 range, not clipped: the brightest pixel (59900) becomes 233
+    assert np.asarray(open_image(str(tmp_path / "gray16.png"))).max() == round(59900 / 65535 * 255)
+
+
+def test_broken_and_oversized_images_give_one_line_errors(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = _save(Image.new("RGB", (64, 64), "red"), tmp_path / "good.png")
+    (tmp_path / "truncated.png").write_bytes(open(good, "rb").read()[:40])
+    for name in ("empty.png", "truncated.png", "missing.png"):
+        with pytest.raises(AdapterkitError) as info:
+            open_image(str(tmp_path / name))
+        assert "\n" not in str(info.value)
+    # A decompression bomb: a tiny file that declares 100k x 100k pixels.
+    bomb = _save(Image.new("1", (100_000, 100_000)), tmp_path / "bomb.png", optimize=True)
+    assert os.path.getsize(bomb) < 2_000_000
+    with pytest.raises(AdapterkitError, match="too large"):
+        open_image(str(bomb))
+
+
+def test_output_under_a_file_gives_a_clear_error(tiny_base, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(AdapterkitError, match="cannot create output folder"):
+        save_adapter(random_custom_diffusion(tiny_base, "derain"), str(tmp_path / "file.txt" / "derain"))
+    assert (tmp_path / "file.txt").read_text() == "x"
+
+
+FULL_DISK_SCRIPT = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from factories import random_custom_diffusion
+from adapterkit.adapters import save_adapter
+from adapterkit.base import load_base
+from adapterkit.errors import AdapterkitError
+adapter = random_custom_diffusion(load_base({base!r}), "derain", seed=2)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # the weight file needs ~100 kB: the "disk" fills
+try:
+    save_adapter(adapter, {target!r})
+except AdapterkitError as e:
+    print("ERROR", e)
+"""
+
+
+def test_full_disk_gives_a_clear_error_and_keeps_the_old_adapter(tiny_base, tiny_base_dir, tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "derain"
+    save_adapter(random_custom_diffusion(tiny_base, "derain", seed=1), str(target))
+    before = tree_digest(tmp_path)
+    script = FULL_DISK_SCRIPT.format(tests=os.path.dirname(__file__), base=tiny_base_dir, target=str(target))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ERROR cannot write") and "free space" in proc.stdout
+    assert tree_digest(tmp_path) == before  # old adapter intact, no temp folder left
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (root in a container usually may); skip where mounting is not permitted."""
+    import subprocess
+
+    point = tmp_path / "mnt"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_read_only_location_gives_a_clear_error_and_changes_nothing(tiny_base, tmpfs):
+    import subprocess
+
+    target = tmpfs / "derain"
+    save_adapter(random_custom_diffusion(tiny_base, "derain", seed=1), str(target))
+    before = tree_digest(tmpfs)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    with pytest.raises(AdapterkitError, match="not writable"):
+        save_adapter(random_custom_diffusion(tiny_base, "derain", seed=2), str(target))
+    assert tree_digest(tmpfs) == before
+
+
+def test_full_tmpfs_gives_a_clear_error_and_keeps_the_old_adapter(tiny_base, tmpfs):
+    target = tmpfs / "derain"
+    save_adapter(random_custom_diffusion(tiny_base, "derain", seed=1), str(target))  # ~100 kB of 256 kB
+    before = tree_digest(tmpfs)
+    with pytest.raises(AdapterkitError, match="cannot write .*No space left"):
+        for seed in range(2, 6):  # the second copy no longer fits beside the first
+            save_adapter(random_custom_diffusion(tiny_base, "derain", seed=seed), str(tmpfs / f"copy{seed}"))
+    assert {k: v for k, v in tree_digest(tmpfs).items() if k.startswith("derain")} == before
+    assert not [p for p in os.listdir(tmpfs) if p.startswith(".")]  # no temp folders left behind
