@@ -103,3 +103,34 @@ def make_edit_dataset(
             }
             f.write(json.dumps(row) + "\n")
     return folder
+
+
+def make_trainable_tiny_base(folder, seed: int = 0) -> str:
+    """A tiny random IP2P base on which a K/V adapter can visibly lower the training loss.
+
+    In `make_tiny_pipeline` every UNet GroupNorm has one channel per group (32 groups, 32 channels): it erases the
+    per-channel shift that cross-attention on a fixed instruction adds, so attn2 K/V barely move the output and
+    the loss cannot fall. Here the UNet uses one group (LayerNorm-like, shifts survive) and cross-attention
+    outputs are scaled up 4x, as cross-attention matters in a trained Stable Diffusion UNet.
+    """
+    import json
+    import os
+
+    from diffusers import UNet2DConditionModel
+
+    from adapterkit.base import BASE_INFO_FILE
+    from adapterkit.tiny import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(seed=seed)
+    config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**config, "norm_num_groups": 1})
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.mul_(4.0)
+    pipe.register_modules(unet=unet.eval())
+    pipe.save_pretrained(str(folder))
+    with open(os.path.join(str(folder), BASE_INFO_FILE), "w", encoding="utf-8") as f:
+        json.dump({"resolution": 64, "made_by": "tests/factories.make_trainable_tiny_base", "seed": seed}, f)
+    return str(folder)

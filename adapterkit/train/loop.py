@@ -145,14 +145,17 @@ def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 
+    _reset_accelerate_state()
     log_with = cfg.log_with
     if log_with == "auto":
         log_with = "tensorboard" if is_tensorboard_available() else "none"
     if log_with == "tensorboard" and not is_tensorboard_available():
         raise AdapterkitError("--log-with tensorboard needs the tensorboard package (pip install tensorboard), or use --log-with none")
+    # accelerate sets up CPU multi-process (gloo) only when told cpu=True: under torchrun without a GPU, tell it.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        cpu=cfg.cpu,
+        cpu=cfg.cpu or (launched and not torch.cuda.is_available()),
         log_with=None if log_with == "none" else log_with,
         project_config=ProjectConfiguration(project_dir=cfg.output, logging_dir=os.path.join(cfg.output, LOGS)),
         # We step the LR scheduler once per optimizer step ourselves; accelerate would step it once per process.
@@ -163,6 +166,18 @@ def _make_accelerator(cfg: TrainConfig):
     if log_with != "none":
         accelerator.init_trackers("adapterkit", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()})
     return accelerator
+
+
+def _reset_accelerate_state() -> None:
+    """accelerate keeps one global state per process; a second train() (notebook, tests) may want another precision.
+
+    Inside a launched multi-process run the process group stays: only the per-run part is cleared.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+    GradientState._reset_state()
 
 
 def _setup(cfg: TrainConfig, accelerator) -> _Run:
