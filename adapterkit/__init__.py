@@ -9,6 +9,7 @@ from .adapters.bank import AdapterBank
 from .base import Base, compute_fingerprint, convert_sd15_to_ip2p, load_base
 from .errors import AdapterkitError
 from .eval import evaluate
+from .train import TrainConfig, train
 
 __all__ = [
     "Adapter",
@@ -21,4 +22,6 @@ __all__ = [
     "load_adapter",
     "load_base",
     "save_adapter",
+    "train",
+    "TrainConfig",
 ]
