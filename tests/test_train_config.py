@@ -34,6 +34,7 @@ def test_defaults_are_valid_and_frozen():
         ({"mixed_precision": "fp8"}, "--mixed-precision must be one of"),
         ({"steps": "10"}, "must be int"),
         ({"task": ""}, "--task"),
+        ({"warmup_steps": 10}, "--lr-scheduler constant_with_warmup"),
     ],
 )
 def test_bad_values_name_the_option(changes, words):

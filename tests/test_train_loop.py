@@ -286,3 +286,17 @@ def test_cli_train_with_toml_config_and_flag_override(base_dir, data_dir, tmp_pa
     assert training["steps"] == 2 and training["optimizer"] == "adamw" and training["batch_size"] == 1
     result = CliRunner().invoke(main, ["train", "--config", str(config), "--input-column", "nope", "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "available columns: input_image, edited_image, edit_prompt" in result.output
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_trains_the_same_adapter(base_dir, data_dir, tmp_path, method):
+    plain = train(small_config(base_dir, data_dir, tmp_path / "plain", method, steps=2, optimizer="adamw"))
+    checkpointed = train(small_config(base_dir, data_dir, tmp_path / "ckpt", method, steps=2, optimizer="adamw", gradient_checkpointing=True))
+    assert checkpointed.training["gradient_checkpointing"] is True
+    for key, value in plain.tensors.items():
+        assert torch.allclose(checkpointed.tensors[key], value, atol=1e-6), key
+
+
+def test_fp16_on_cpu_is_refused(base_dir, data_dir, tmp_path):
+    with pytest.raises(AdapterkitError, match="fp16 needs a GPU"):
+        train(small_config(base_dir, data_dir, tmp_path / "fp16", "lora", steps=1, mixed_precision="fp16"))

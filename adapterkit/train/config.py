@@ -116,6 +116,8 @@ class TrainConfig:
             raise AdapterkitError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise AdapterkitError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.warmup_steps and self.lr_scheduler == "constant":
+            raise AdapterkitError("--warmup-steps needs a schedule with warm-up: pass --lr-scheduler constant_with_warmup (or linear, cosine)")
         if self.limit is not None and self.limit < 1:
             raise AdapterkitError(f"--limit must be at least 1, got {self.limit}")
         # One uniform r per example: text dropped for r < 2p, image for p <= r < 3p, so 3p must fit in [0, 1].
