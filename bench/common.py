@@ -19,6 +19,9 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # Other processes on the same cores distort timings badly (torch's OpenMP regions wait for descheduled
+        # threads): compare only figures taken at a low load average.
+        "load_average_1m": os.getloadavg()[0],
     }
 
 
