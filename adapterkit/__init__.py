@@ -9,6 +9,7 @@ from .adapters.bank import AdapterBank
 from .base import Base, compute_fingerprint, convert_sd15_to_ip2p, load_base
 from .errors import AdapterkitError
 from .eval import evaluate
+from .merge import merge
 from .train import TrainConfig, train
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "evaluate",
     "load_adapter",
     "load_base",
+    "merge",
     "save_adapter",
     "train",
     "TrainConfig",

@@ -150,6 +150,47 @@ def eval_command(adapters, **options):
     click.echo(f"{result.generated} images generated, {result.cached} from cache -> {result.files['html']}")
 
 
+# --- merge command (issue 4) ---
+@main.command("merge")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--base", required=True, help=BASE_HELP)
+@click.option("--method", default="lsq", show_default=True,
+              type=click.Choice(["lsq", "lsq-soft", "sum", "linear", "ties", "dare", "svd"]),
+              help="lsq: constrained least squares on attn2 K/V; the others are exact baselines on full deltas.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the merged adapter.")
+@click.option("--weights", default=None, help="Comma-separated weight per adapter, in order (sum, linear, ties, dare, svd).")
+@click.option("--density", default=0.5, show_default=True, type=float, help="ties/dare: fraction of each delta kept.")
+@click.option("--seed", default=0, show_default=True, type=int, help="dare: seed of the drop masks.")
+@click.option("--rank", default=None, type=click.IntRange(1), help="svd: rank the exact sum is truncated to.")
+@click.option("--target-weight", default=1e4, show_default=True, type=float, help="lsq-soft: weight lambda of the targets.")
+@click.option("--ridge", default=1e-6, show_default=True, type=float, help="lsq: ridge on M, relative to its mean eigenvalue.")
+@click.option("--reg-prompts", default=None, type=click.Path(dir_okay=False),
+              help="Regularization prompts, one per line (default: the built-in set of edit instructions and captions).")
+@click.option("--positions", default="eos", show_default=True, type=click.Choice(["eos", "all"]),
+              help="lsq target tokens: 1..first EOS (eos) or all 77 positions (all).")
+@click.option("--other-modules", default="linear", show_default=True, type=click.Choice(["linear", "sum"]),
+              help="lsq: how LoRA modules outside attn2 K/V are merged (least squares does not apply to them).")
+@click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows) instead of full K/V.")
+@click.option("--task", default=None, help="Task name of the merged adapter (default: the sources' names joined by '+').")
+@click.option("--fuse", is_flag=True, help="Also write a full diffusers pipeline with the merge baked in (needs --output-pipeline).")
+@click.option("--output-pipeline", default=None, type=click.Path(file_okay=False), help="Folder for the fused pipeline (with --fuse).")
+@click.option("--force", is_flag=True, help="Merge adapters made for another base fingerprint (shapes must still match).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge_command(adapters, weights, fuse, output_pipeline, **options):
+    """Merge task adapters made on one base into one adapter: least squares on K/V, or a baseline."""
+    from .merge import merge
+
+    if fuse != bool(output_pipeline):
+        raise AdapterkitError("--fuse and --output-pipeline DIR go together: pass both to write a fused pipeline")
+    try:
+        weight_list = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError as e:
+        raise AdapterkitError(f"--weights must be comma-separated numbers, got '{weights}'") from e
+    result = merge(list(adapters), weights=weight_list, output_pipeline=output_pipeline, **options)
+    click.echo(result.table)
+    click.echo(f"merged adapter -> {result.path}" + (f"; fused pipeline -> {result.pipeline_path}" if result.pipeline_path else ""))
+
+
 # --- demo-data command (issue 6) ---
 @main.command("demo-data")
 @click.option("--task", required=True,
@@ -230,3 +271,19 @@ def train_command(config_file, **flags):
         sys.exit(130)
     final = adapter.training.get("final_loss")
     click.echo(f"{adapter.method} adapter '{adapter.task}' -> {adapter.path}" + (f" (final loss {final:.4f})" if final is not None else ""))
+
+
+# --- demo command (issue 6) ---
+@main.command("demo")
+@click.option("--output", default="adapterkit-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for datasets, adapters, merges, report.html, report.json, grids/ and demo.json.")
+@click.option("--base", default="builtin:tiny", show_default=True, help="Base to run on (the bundled tiny base by default).")
+@click.option("--train-steps", default=None, type=click.IntRange(1), help="Optimizer steps per adapter (default: the demo's tuned value).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_command(output, base, train_steps, quiet):
+    """Train derain + cartoonize adapters on the bundled base, merge them, evaluate, hot-swap and route: ~minutes on CPU."""
+    from .demo.run import DemoSettings, format_summary, run_demo
+
+    defaults = DemoSettings()
+    settings = DemoSettings(base=base, train_steps=train_steps or defaults.train_steps)
+    click.echo(format_summary(run_demo(output, settings, quiet=quiet)))

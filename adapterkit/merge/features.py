@@ -1,0 +1,188 @@
+"""Text-encoder features for merging: the rows the cross-attention K/V weights multiply.
+
+Every attn2 `to_k`/`to_v` weight W (d_out, d_text) reads the token-level hidden states the pipeline's
+`encode_prompt` feeds the UNet: `text_encoder(ids)[0]`, shape (n, 77, d_text). A merge constrains W on the rows of
+the tasks' instructions (targets) and keeps it close to the base on many other prompts (regularization).
+
+Which token positions are targets (`positions`):
+- "eos" (default): positions 1 .. first EOS inclusive, as Custom Diffusion's official merge does. The start token
+  (position 0) sees only itself through CLIP's causal mask, so its row is identical for every prompt: constraining it
+  would pit every task against every other. The padding positions after the first EOS are left to regularization.
+- "all": every one of the 77 positions, padding included (the start token, shared by all tasks, gets the mean target
+  like any shared row). Exact only while the row count stays below d_text: about 10 instructions for SD1.5; with
+  `lsq-soft` it always solves.
+The UNet attends to all 77 positions and, through guidance, to the empty prompt: what these choices do to edited
+images was measured on tiny bases (bench/merge.py, README): constraining padding helps when the text features leave
+room for it, and the empty prompt stays on the regularization side, as the base's unconditional branch.
+
+Regularization rows are every position of every regularization prompt, exactly as the UNet sees them. Only their
+Gram matrix M = C_reg^T C_reg / n is kept: the solve and the drift need nothing else.
+
+Both are cached per base under `$ADAPTERKIT_CACHE/features/<fingerprint>/` (default ~/.cache/adapterkit), keyed by
+the texts, the position rule and a probe of the text encoder (the fingerprint hashes the UNet only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from ..adapters.safe_load import load_safetensors
+from ..errors import AdapterkitError
+from ..fileio import atomic_file
+
+POSITIONS = ("eos", "all")
+FEATURES_VERSION = 2  # bump when the way rows are chosen changes: old cache entries are then ignored
+BATCH_SIZE = 32
+_PROBE = "a photo of a cat, make it snowy at night"
+
+
+def builtin_reg_prompts_path() -> str:
+    return str(resources.files("adapterkit") / "merge" / "reg_prompts.txt")
+
+
+def read_prompts(path: str | None = None) -> list[str]:
+    """Regularization prompts: one per line, '#' comments and blank lines skipped, plus the empty prompt "".
+
+    "" is always included: two of the three guidance branches of IP2P condition on it.
+    """
+    path = path or builtin_reg_prompts_path()
+    if not os.path.isfile(path):
+        raise AdapterkitError(f"regularization prompt file {path} does not exist; pass a text file with one prompt per line")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise AdapterkitError(f"{path} holds no prompts; write one prompt per line")
+    return sorted(set(prompts) | {""})
+
+
+@torch.no_grad()
+def encode_tokens(pipe, texts: list[str], quiet: bool = True, desc: str = "text features") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (n, 77) int64, hidden (n, 77, d_text) float32): exactly what encode_prompt gives the UNet."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    device = encoder.device
+    chunks = []
+    for start in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, unit="batch", disable=quiet or len(texts) <= BATCH_SIZE):
+        batch = ids[start : start + BATCH_SIZE].to(device)
+        chunks.append(encoder(batch)[0].float().cpu())  # (b, 77, d_text)
+    hidden = torch.cat(chunks) if chunks else torch.zeros(0, ids.shape[1], encoder.config.hidden_size)
+    return ids, hidden
+
+
+def first_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(n,) index of the first EOS token of each row; a truncated prompt ends in EOS at position 76."""
+    is_eos = ids == eos_id
+    return torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(ids[:, 0], ids.shape[1] - 1))
+
+
+def select_rows(ids: torch.Tensor, hidden: torch.Tensor, eos_id: int, positions: str) -> list[torch.Tensor]:
+    """Per text, the (k, d_text) rows to constrain: positions 1..first EOS ("eos"), or all 77 ("all")."""
+    if positions not in POSITIONS:
+        raise AdapterkitError(f"unknown positions rule '{positions}'; use one of {', '.join(POSITIONS)}")
+    if positions == "all":
+        return [h for h in hidden]
+
+    ends = first_eos(ids, eos_id)
+    return [hidden[i, 1 : int(ends[i]) + 1] for i in range(hidden.shape[0])]
+
+
+def instruction_features(base, instructions: list[str], positions: str = "eos", quiet: bool = True) -> dict[str, torch.Tensor]:
+    """Instruction text -> its (k, d_text) float64 target rows. Texts are encoded in sorted order (input order free)."""
+    texts = sorted(set(instructions))
+    if not texts:
+        return {}
+    key = _cache_key(base, "instructions", texts, positions)
+    cached = _read_cache(base, key)
+    if cached is not None and all(f"text.{_text_id(t)}" in cached for t in texts):
+        return {t: cached[f"text.{_text_id(t)}"].double() for t in texts}
+    ids, hidden = encode_tokens(base.pipe, texts, quiet=quiet, desc="instruction features")
+    rows = select_rows(ids, hidden, base.pipe.tokenizer.eos_token_id, positions)
+    features = {t: r.double() for t, r in zip(texts, rows)}
+    _write_cache(base, key, {f"text.{_text_id(t)}": r.float().contiguous() for t, r in features.items()})
+    return features
+
+
+def regularization_gram(base, prompts: list[str], quiet: bool = True) -> tuple[torch.Tensor, int]:
+    """(M (d_text, d_text) float64 = C_reg^T C_reg / n, n): Gram of every position of every prompt."""
+    prompts = sorted(set(prompts))
+    key = _cache_key(base, "regularization", prompts, "every-position")
+    cached = _read_cache(base, key)
+    if cached is not None and "gram" in cached and "rows" in cached:
+        return cached["gram"].double(), int(round(cached["rows"].item()))
+    d_text = base.pipe.text_encoder.config.hidden_size
+    gram = torch.zeros(d_text, d_text, dtype=torch.float64)
+    rows = 0
+    for start in tqdm(range(0, len(prompts), 256), desc="regularization features", unit="chunk", disable=quiet):
+        _ids, hidden = encode_tokens(base.pipe, prompts[start : start + 256])
+        every = hidden.reshape(-1, d_text).double()  # (b * 77, d_text): all positions of every prompt
+        gram += every.T @ every
+        rows += every.shape[0]
+    gram /= rows
+    _write_cache(base, key, {"gram": gram, "rows": torch.tensor([rows], dtype=torch.float64)})  # float: load refuses ints
+    return gram, rows
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+def cache_root() -> str:
+    root = os.environ.get("ADAPTERKIT_CACHE")
+    if root:
+        return root
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "adapterkit")
+
+
+def _text_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@torch.no_grad()
+def text_encoder_probe(pipe) -> str:
+    """Hash of the text encoder's output on a fixed prompt: the base fingerprint covers the UNet only."""
+    cached = getattr(pipe, "_adapterkit_text_probe", None)
+    if cached:
+        return cached
+    _ids, hidden = encode_tokens(pipe, [_PROBE])
+    digest = hashlib.sha256(hidden.to(torch.float16).view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+    try:
+        pipe._adapterkit_text_probe = digest
+    except AttributeError:  # pragma: no cover - a pipeline class that forbids new attributes
+        pass
+    return digest
+
+
+def _cache_key(base, kind: str, texts: list[str], rule: str) -> str:
+    spec = {"version": FEATURES_VERSION, "kind": kind, "rule": rule, "texts": texts, "text_encoder": text_encoder_probe(base.pipe)}
+    return kind + "-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:24]
+
+
+def _cache_path(base, key: str) -> str:
+    return os.path.join(cache_root(), "features", base.fingerprint, key + ".safetensors")
+
+
+def _read_cache(base, key: str) -> dict[str, torch.Tensor] | None:
+    if os.environ.get("ADAPTERKIT_NO_CACHE"):
+        return None
+    path = _cache_path(base, key)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return load_safetensors(path)
+    except AdapterkitError:  # a damaged entry is recomputed and overwritten, never trusted
+        return None
+
+
+def _write_cache(base, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    if os.environ.get("ADAPTERKIT_NO_CACHE"):
+        return
+    try:
+        with atomic_file(_cache_path(base, key)) as f:
+            f.write(safetensors_bytes(tensors))
+    except AdapterkitError:  # an unwritable cache only costs recomputation next time
+        pass
