@@ -134,3 +134,31 @@ def make_trainable_tiny_base(folder, seed: int = 0) -> str:
     with open(os.path.join(str(folder), BASE_INFO_FILE), "w", encoding="utf-8") as f:
         json.dump({"resolution": 64, "made_by": "tests/factories.make_trainable_tiny_base", "seed": seed}, f)
     return str(folder)
+
+
+def instruction_custom_diffusion(base, task: str, instructions: list[str], seed: int = 0, strength: float = 1.0) -> Adapter:
+    """K/V changed only along the task's own instruction token features (positions 1..first EOS), with the span of
+    the empty prompt's features removed: how the UNet reads this instruction changes, its unconditional branch does
+    not. A gradient step only moves W along the text features it was fed, so trained adapters look like this far
+    more than full-rank noise does (for merge tests: least squares assumes tasks differ in what they read).
+    """
+    from adapterkit.merge import features
+
+    ids, hidden = features.encode_tokens(base.pipe, list(instructions) + [""])
+    rows = torch.cat(features.select_rows(ids[:-1], hidden[:-1], base.pipe.tokenizer.eos_token_id, "eos")).double()
+    empty, _ = torch.linalg.qr(hidden[-1].double().T)  # (d_text, 77): orthonormal span of the empty prompt's rows
+    rows = rows - (rows @ empty) @ empty.T
+    basis, _ = torch.linalg.qr(rows.T)  # (d_text, k)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in cross_attention_kv_layers(base.unet).items():
+        w = layer.weight.detach().double().cpu()
+        noise = torch.randn(w.shape, generator=gen, dtype=torch.float64) @ basis @ basis.T  # (d_out, d_text), rank k
+        tensors[name] = (w + strength * w.std() * noise * (w.shape[1] / basis.shape[1]) ** 0.5).float()
+    return Adapter(
+        method=custom_diffusion.METHOD,
+        task=task,
+        instructions=list(instructions),
+        tensors=tensors,
+        base={"name_or_path": base.name_or_path, "fingerprint": base.fingerprint},
+    )

@@ -1,0 +1,208 @@
+"""Least-squares merging: exactness, order independence, shared prefixes, rank deficiency, soft variant, LoRA export.
+
+The tiny base's text features have 32 dimensions: tests keep instructions few and short so the constraint rows
+(positions 1..first EOS of each instruction) stay well below 32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from adapterkit.adapters import Adapter, custom_diffusion
+from adapterkit.base import cross_attention_kv_layers
+from adapterkit.errors import AdapterkitError
+from adapterkit.merge import features, merge
+from factories import random_custom_diffusion, random_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def feature_cache(tmp_path_factory):
+    """One feature cache for the whole session, outside the user's home."""
+    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
+    previous = os.environ.get("ADAPTERKIT_CACHE")
+    os.environ["ADAPTERKIT_CACHE"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("ADAPTERKIT_CACHE", None)
+    else:
+        os.environ["ADAPTERKIT_CACHE"] = previous
+
+
+def kv_weight(adapter: Adapter, base, name: str) -> torch.Tensor:
+    """Full float64 weight of one K/V layer for an adapter of either method."""
+    w0 = cross_attention_kv_layers(base.unet)[name].weight.detach().double()
+    delta = adapter.delta_weights({n: l.weight.detach() for n, l in cross_attention_kv_layers(base.unet).items()})
+    return w0 + delta[name].double() if name in delta else w0
+
+
+def target_rows(base, instructions) -> torch.Tensor:
+    feats = features.instruction_features(base, instructions)
+    return torch.cat([feats[t] for t in instructions])
+
+
+@pytest.mark.parametrize("make", ["custom-diffusion", "lora"])
+def test_merging_one_adapter_reproduces_it_on_its_targets(tiny_base, make):
+    source = (
+        random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image", "remove rain"])
+        if make == "custom-diffusion"
+        else random_lora(tiny_base, "derain", rank=4, seed=1, instructions=["derain the image", "remove rain"])
+    )
+    result = merge([source], tiny_base, "lsq")
+    rows = target_rows(tiny_base, source.instructions)
+    for name, merged in result.adapter.tensors.items():
+        want = kv_weight(source, tiny_base, name) @ rows.T
+        got = merged.double() @ rows.T
+        assert float((got - want).norm() / want.norm()) <= 1e-6, name
+    assert result.report["tasks"][0]["residual"] <= 1e-6
+
+
+def test_two_tasks_lsq_is_exact_where_linear_is_not_and_drifts_less_than_sum(tiny_base):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image"])
+    b = random_custom_diffusion(tiny_base, "cartoonize", seed=2, instructions=["cartoonize the photo"])
+    lsq_result = merge([a, b], tiny_base, "lsq")
+    linear = merge([a, b], tiny_base, "linear")
+    total = merge([a, b], tiny_base, "sum")
+    for task in lsq_result.report["tasks"]:
+        assert task["residual"] <= 1e-4
+    for task in linear.report["tasks"]:
+        assert 0.3 < task["residual"] < 1.0  # half of each task's change is missing, half of the other's added
+    assert lsq_result.report["drift"] < total.report["drift"]
+    assert lsq_result.report["rank"]["max"] == lsq_result.report["constraint_rows"]
+
+
+def test_swapping_the_inputs_changes_no_weight(tiny_base):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image", "make it dry"])
+    b = random_lora(tiny_base, "brighten", rank=4, seed=2, instructions=["make it brighter"])  # shares "make it"
+    forward = merge([a, b], tiny_base, "lsq")
+    backward = merge([b, a], tiny_base, "lsq")
+    for name, weight in forward.adapter.tensors.items():
+        assert float((weight - backward.adapter.tensors[name]).abs().max()) <= 1e-6, name
+    assert forward.adapter.instructions == backward.adapter.instructions
+    assert forward.adapter.task == backward.adapter.task == "brighten+derain"
+
+
+def test_shared_prefix_rows_get_the_mean_target(tiny_base):
+    """'make it' is the same causal prefix for both tasks: one row each, whose target is the mean of the tasks'."""
+    a = random_custom_diffusion(tiny_base, "rainy", seed=1, instructions=["make it rain"])
+    b = random_custom_diffusion(tiny_base, "snowy", seed=2, instructions=["make it snow"])
+    result = merge([a, b], tiny_base, "lsq")
+    shared = result.report["shared_rows"]
+    assert shared["count"] == 2  # "make", "it"
+    assert all(g["tasks"] == ["rainy", "snowy"] for g in shared["groups"])
+    prefix = features.instruction_features(tiny_base, ["make it rain"])["make it rain"][:2]  # (2, d): make, it
+    for name, merged in result.adapter.tensors.items():
+        mean_target = (kv_weight(a, tiny_base, name) + kv_weight(b, tiny_base, name)) / 2 @ prefix.T
+        assert torch.allclose(merged.double() @ prefix.T, mean_target, rtol=1e-5, atol=1e-6)
+
+
+def test_too_many_constraint_rows_are_refused_with_the_fix(tiny_base):
+    long = [f"make the {w} picture look like a {v} painting of the sky" for w, v in [("dark", "bright"), ("old", "new"), ("gray", "white")]]
+    a = random_custom_diffusion(tiny_base, "style", seed=1, instructions=long)
+    b = random_custom_diffusion(tiny_base, "derain", seed=2, instructions=["derain the image"])
+    with pytest.raises(AdapterkitError, match="lsq-soft"):
+        merge([a, b], tiny_base, "lsq")
+    soft = merge([a, b], tiny_base, "lsq-soft", target_weight=100.0)
+    linear = merge([a, b], tiny_base, "linear")
+    for s, l in zip(soft.report["tasks"], linear.report["tasks"]):
+        assert s["residual"] < l["residual"]
+
+
+def test_soft_merge_tends_to_the_exact_one(tiny_base):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image"])
+    b = random_custom_diffusion(tiny_base, "cartoonize", seed=2, instructions=["cartoonize the photo"])
+    exact = merge([a, b], tiny_base, "lsq").adapter.tensors
+    gaps = []
+    for weight in (1.0, 1e2, 1e6):
+        soft = merge([a, b], tiny_base, "lsq-soft", target_weight=weight).adapter.tensors
+        gaps.append(max(float((soft[n] - exact[n]).norm() / exact[n].norm()) for n in exact))
+    assert gaps[0] > gaps[1] > gaps[2]
+    assert gaps[2] < 1e-4
+
+
+def test_as_lora_export_is_the_same_update_at_rank_m(tiny_base):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image"])
+    b = random_lora(tiny_base, "cartoonize", rank=2, seed=2, instructions=["cartoonize the photo"])
+    full = merge([a, b], tiny_base, "lsq")
+    low = merge([a, b], tiny_base, "lsq", as_lora=True)
+    m = full.report["constraint_rows"]
+    assert low.adapter.method == "lora" and low.adapter.rank == m
+    assert low.adapter.lora["lora_alpha"] == m  # scale 1
+    base_weights = {n: l.weight.detach() for n, l in cross_attention_kv_layers(tiny_base.unet).items()}
+    deltas = low.adapter.delta_weights()
+    for name, weight in full.adapter.tensors.items():
+        want = weight.double() - base_weights[name].double()
+        assert float((deltas[name].double() - want).norm() / want.norm()) < 1e-5, name
+
+
+def test_other_modules_need_as_lora_and_are_averaged(tiny_base):
+    a = random_lora(tiny_base, "derain", rank=2, seed=1, targets="attn", instructions=["derain the image"])
+    b = random_lora(tiny_base, "cartoonize", rank=2, seed=2, targets="attn", instructions=["cartoonize the photo"])
+    with pytest.raises(AdapterkitError, match="--as-lora"):
+        merge([a, b], tiny_base, "lsq")
+    result = merge([a, b], tiny_base, "lsq", as_lora=True)
+    assert result.report["other_modules"]["method"] == "linear" and result.report["other_modules"]["count"] > 0
+    assert "least squares does not apply" in result.table
+    merged, da, db = result.adapter.delta_weights(), a.delta_weights(), b.delta_weights()
+    kv = set(cross_attention_kv_layers(tiny_base.unet))
+    others = [m for m in da if m not in kv]
+    for module in others:
+        want = (da[module] + db[module]) / 2
+        assert torch.allclose(merged[module], want, atol=1e-5 * float(want.abs().max()))
+    assert result.report["tasks"][0]["residual"] <= 1e-4
+    assert "rank_pattern" in result.adapter.lora  # K/V at rank m, other modules at their own numerical rank
+
+
+def test_inputs_from_another_base_are_refused(tiny_base):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1)
+    b = random_custom_diffusion(tiny_base, "cartoonize", seed=2)
+    b.base = {"name_or_path": "elsewhere", "fingerprint": "0123456789abcdef"}
+    with pytest.raises(AdapterkitError, match="--force"):
+        merge([a, b], tiny_base, "lsq")
+    assert merge([a, b], tiny_base, "lsq", force=True).report["tasks"][1]["residual"] <= 1e-4
+
+
+def test_lsq_needs_instructions(tiny_base):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1)
+    b = random_custom_diffusion(tiny_base, "cartoonize", seed=2)
+    b.instructions = []
+    with pytest.raises(AdapterkitError, match="no instructions"):
+        merge([a, b], tiny_base, "lsq")
+    assert merge([a, b], tiny_base, "linear").report["tasks"][1]["residual"] is None
+
+
+def test_features_are_cached_per_base(tiny_base, feature_cache, monkeypatch):
+    a = random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image"])
+    first = merge([a], tiny_base, "lsq")
+    folder = os.path.join(feature_cache, "features", tiny_base.fingerprint)
+    assert any(f.startswith("regularization-") for f in os.listdir(folder))
+    assert any(f.startswith("instructions-") for f in os.listdir(folder))
+    calls = []
+    real = features.encode_tokens
+    monkeypatch.setattr(features, "encode_tokens", lambda pipe, texts, **kw: calls.append(list(texts)) or real(pipe, texts, **kw))
+    second = merge([a], tiny_base, "lsq")
+    assert all(len(texts) == 1 for texts in calls)  # only the text-encoder probe ran: no regularization re-encoding
+    for name, weight in first.adapter.tensors.items():
+        assert torch.equal(weight, second.adapter.tensors[name])
+
+
+def test_regularization_prompts_file(tiny_base, tmp_path):
+    builtin = features.read_prompts()
+    assert len(builtin) >= 501 and "" in builtin
+    path = tmp_path / "reg.txt"
+    path.write_text("# mine\na photo of a dog\n\nmake it blue\n")
+    assert features.read_prompts(str(path)) == ["", "a photo of a dog", "make it blue"]
+    a = random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain the image"])
+    result = merge([a], tiny_base, "lsq", reg_prompts=str(path))
+    assert result.report["regularization"]["prompts"] == 3
+    with pytest.raises(AdapterkitError, match="does not exist"):
+        merge([a], tiny_base, "lsq", reg_prompts=str(tmp_path / "missing.txt"))
+
+
+def test_custom_diffusion_output_covers_every_kv_layer(tiny_base):
+    a = random_lora(tiny_base, "derain", rank=2, seed=1, instructions=["derain the image"])
+    result = merge([a], tiny_base, "lsq")
+    assert result.adapter.method == custom_diffusion.METHOD
+    assert set(result.adapter.tensors) == set(cross_attention_kv_layers(tiny_base.unet))
