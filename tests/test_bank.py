@@ -114,3 +114,18 @@ def test_unknown_task_and_duplicate_task_are_refused(tiny_base):
         bank.activate("nope")
     with pytest.raises(AdapterkitError, match="already holds a task named 'derain'"):
         bank.add(random_lora(tiny_base, "derain"))
+
+
+def test_a_second_bank_on_one_pipeline_is_refused_while_the_first_holds_state(tiny_base):
+    first = AdapterBank(tiny_base)
+    first.add(random_lora(tiny_base, "lora_a", rank=2, seed=3))
+    first.add(random_custom_diffusion(tiny_base, "cd_a", seed=1))
+    first.activate("cd_a")
+    with pytest.raises(AdapterkitError, match="no longer match its fingerprint"):
+        AdapterBank(tiny_base)
+    first.activate("lora_a")
+    first.deactivate()
+    second = AdapterBank(tiny_base)  # K/V back to the base: accepted
+    second.add(random_lora(tiny_base, "lora_b", rank=2, seed=4))
+    with pytest.raises(AdapterkitError, match="live LoRA slot of another AdapterBank"):
+        second.activate("lora_b")

@@ -58,6 +58,11 @@ class AdapterBank:
         self.route_threshold = route_threshold
         self.force = force
         self._lock = threading.RLock()
+        if compute_fingerprint(self.pipe.unet) != base.fingerprint:
+            raise AdapterkitError(
+                "the base's K/V weights no longer match its fingerprint (another bank left an adapter active?); "
+                "call deactivate() on the other bank or reload the base"
+            )
         self._kv_layers = cross_attention_kv_layers(self.pipe.unet)
         self._base_kv = {name: layer.weight.detach().clone() for name, layer in self._kv_layers.items()}
         self._adapters: dict[str, Adapter] = {}
@@ -155,6 +160,11 @@ class AdapterBank:
             d_out, d_in = layer.weight.shape
             zeros[f"{m}.lora_A.weight"] = torch.zeros(rank, d_in, dtype=weight_like.dtype)
             zeros[f"{m}.lora_B.weight"] = torch.zeros(d_out, rank, dtype=weight_like.dtype)
+        if LIVE_LORA in (getattr(unwrap_compiled(self.pipe.unet), "peft_config", None) or {}):
+            raise AdapterkitError(
+                "this pipeline already carries the live LoRA slot of another AdapterBank; use that bank, or load the "
+                "base afresh (load_base) for a new one"
+            )
         # check_compiled="ignore": the UNet may carry other (deleted) peft configs; compilation comes after this.
         self.pipe.unet.enable_lora_hotswap(target_rank=rank, check_compiled="ignore")
         lora.load_into_pipeline(self.pipe, zeros, {"r": rank, "lora_alpha": float(rank), "target_modules": modules}, LIVE_LORA)

@@ -1,0 +1,222 @@
+"""`adapterkit demo`: the whole loop on the bundled tiny base, in a few minutes on a laptop CPU.
+
+1. write procedural datasets for two held-out tasks (derain, cartoonize) and a held-out eval set;
+2. train one adapter per task (derain: Custom Diffusion K/V, cartoonize: LoRA on K/V);
+3. merge them by constrained least squares (lsq) and by plain averaging (linear);
+4. evaluate base, both adapters and both merges on held-out rows (report.html, grids, report.json);
+5. load everything into an AdapterBank, time in-place swaps and route instructions to tasks.
+
+Everything lands in one folder; demo.json gathers the figures and the summary table is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from ..errors import AdapterkitError
+from ..fileio import write_json
+
+DEMO_TASKS = {"derain": "custom-diffusion", "cartoonize": "lora"}
+# Instructions never stored in an adapter: routing must generalise to them, or fall back to the base.
+ROUTING_PROBES = ("derain the image", "cartoonize it", "please remove the rain", "make it a cartoon drawing",
+                  "make it brighter", "invert the colors")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    base: str = "builtin:tiny"
+    train_rows: int = 96  # procedural rows per task
+    eval_rows: int = 8  # held-out rows per task (crops of photographs the training never sees)
+    train_steps: int = 150  # optimizer steps per adapter
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    lora_rank: int = 8
+    inference_steps: int | None = None  # default: the base's recorded default_steps, else 20
+    # lsq needs at most d_text constraint rows (token features of the stored instructions): on a base with a narrow
+    # text encoder, constrain on the first N phrasings of each task only (None: all of them).
+    merge_instructions_per_task: int | None = 2
+    seed: int = 0
+
+
+def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSettings(), quiet: bool = False) -> dict:
+    """Run the demo into `output`; return the summary that is also written to `output/demo.json`."""
+    from ..base import load_base
+
+    started = time.perf_counter()
+    base = load_base(settings.base)
+    steps = settings.inference_steps or int(base.info.get("default_steps", 20))
+    phases = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        phases[name] = round(time.perf_counter() - start, 1)
+        return result
+
+    folders = timed("data", _write_datasets, output, settings, base.resolution, quiet)
+    trained = timed("train", _train_adapters, output, folders, settings, quiet)
+    merges, merge_reports = timed("merge", _merge_adapters, output, base, trained, settings, quiet)
+    evaluation = timed("eval", _evaluate, output, base, folders["eval"], trained, merges, steps, settings, quiet)
+    bank_base = load_base(settings.base)  # a fresh pipeline: the eval's bank keeps its live LoRA slot on `base`
+    bank_figures = timed("bank", _bank_demo, bank_base, trained, merges["lsq"], steps, folders["eval"])
+    summary = {
+        "base": {"name": settings.base, "fingerprint": base.fingerprint, "resolution": base.resolution},
+        "settings": settings.__dict__ | {"inference_steps": steps},
+        "tasks": _task_summary(evaluation.report, trained, merges),
+        "phase_seconds": phases,
+        "merge": merge_reports,
+        "bank": bank_figures,
+        "files": {"report_html": evaluation.files.get("html"), "report_json": evaluation.files.get("json"),
+                  "grids": evaluation.files.get("grids")},
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(os.path.join(output, "demo.json"), summary)
+    return summary
+
+
+def _write_datasets(output: str, settings: DemoSettings, resolution: int, quiet: bool) -> dict[str, str]:
+    """One training folder per task and one eval folder holding both tasks' held-out rows."""
+    import json
+
+    from ..fileio import atomic_folder
+    from .tasks import make_example, write_task_dataset
+
+    data = os.path.join(output, "data")
+    folders = {}
+    for task in DEMO_TASKS:
+        folders[task] = write_task_dataset(task, os.path.join(data, f"{task}-train"), n=settings.train_rows,
+                                           seed=settings.seed, resolution=resolution, split="train", quiet=quiet)
+    with atomic_folder(os.path.join(data, "eval")) as tmp:
+        from PIL import Image
+
+        os.makedirs(os.path.join(tmp, "input"))
+        os.makedirs(os.path.join(tmp, "edited"))
+        rows = []
+        for task in DEMO_TASKS:
+            for i in range(settings.eval_rows):
+                example = make_example(task, i, settings.seed, resolution, split="eval")
+                name = f"{task}-{i:03d}.png"
+                Image.fromarray(example.input).save(os.path.join(tmp, "input", name))
+                Image.fromarray(example.target).save(os.path.join(tmp, "edited", name))
+                rows.append({"input_image_file_name": f"input/{name}", "edited_image_file_name": f"edited/{name}",
+                             "edit_prompt": example.instruction})
+        with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    folders["eval"] = os.path.join(data, "eval")
+    return folders
+
+
+def _train_adapters(output: str, folders: dict, settings: DemoSettings, quiet: bool):
+    from ..train import TrainConfig, train
+    from .tasks import get_task
+
+    trained = {}
+    for task, method in DEMO_TASKS.items():
+        cfg = TrainConfig(
+            base=settings.base, data=folders[task], method=method, task=task,
+            output=os.path.join(output, "adapters", task), instructions=tuple(get_task(task).instructions),
+            steps=settings.train_steps, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+            rank=settings.lora_rank, optimizer="adamw", cache_latents=True, validation_steps=0,
+            checkpoint_steps=0, log_with="none", seed=settings.seed, quiet=quiet,
+        )
+        trained[task] = train(cfg)
+    return trained
+
+
+def _merge_adapters(output: str, base, trained: dict, settings: DemoSettings, quiet: bool):
+    from ..adapters import Adapter
+    from ..merge import merge
+
+    sources = list(trained.values())
+    if settings.merge_instructions_per_task:
+        keep = settings.merge_instructions_per_task
+        sources = [Adapter(**{**a.__dict__, "instructions": a.instructions[:keep]}) for a in sources]
+    merges, reports = {}, {}
+    for method in ("lsq", "linear"):
+        result = merge(sources, base, method=method,
+                       output=os.path.join(output, "merges", f"merged-{method}"), task=f"merged-{method}", quiet=quiet)
+        merges[method], reports[method] = result.adapter, result.report
+    return merges, reports
+
+
+def _evaluate(output, base, data, trained, merges, steps, settings, quiet):
+    from ..eval import evaluate
+
+    adapters = [os.path.join(output, "adapters", t) for t in trained]
+    adapters += [os.path.join(output, "merges", f"merged-{m}") for m in merges]  # column names = folder names
+    return evaluate(base, data, adapters, output, steps=steps, seed=settings.seed, quiet=quiet)
+
+
+def _bank_demo(base, trained: dict, merged, steps: int, eval_folder: str) -> dict:
+    """Swap timings (median of 20 in-place activations per adapter) and routing of unseen instructions."""
+    from ..adapters.bank import AdapterBank
+    from ..inference import open_image
+
+    bank = AdapterBank(base)
+    for adapter in trained.values():
+        bank.add(adapter)
+    bank.add(merged)
+    bank.prepare()
+    swap_ms = {}
+    for task in bank.tasks:
+        times = []
+        for _ in range(20):
+            bank.deactivate()
+            start = time.perf_counter()
+            bank.activate(task)
+            times.append((time.perf_counter() - start) * 1e3)
+        swap_ms[task] = statistics.median(times)
+    routing = []
+    for instruction in ROUTING_PROBES:
+        task, score = bank.route(instruction)
+        routing.append({"instruction": instruction, "task": task, "cosine": round(score, 3)})
+    image = open_image(os.path.join(eval_folder, "input", f"{next(iter(trained))}-000.png"))
+    start = time.perf_counter()
+    bank.edit(image, ROUTING_PROBES[0], steps=steps)
+    edit_ms = (time.perf_counter() - start) * 1e3
+    bank.deactivate()
+    return {"swap_ms": swap_ms, "edit_ms": edit_ms, "routing": routing, "route_threshold": bank.route_threshold}
+
+
+def _task_summary(report: dict, trained: dict, merges: dict) -> dict:
+    """Per task: mean PSNR of base / adapter / merges, the adapter's gain and each merge's retention."""
+    out = {}
+    for task, section in report["tasks"].items():
+        psnr = {column: stats["psnr"]["mean"] for column, stats in section["metrics"].items() if "psnr" in stats}
+        base_psnr, adapter_psnr = psnr.get("base"), psnr.get(task)
+        if base_psnr is None or adapter_psnr is None:
+            raise AdapterkitError(f"the demo evaluation has no PSNR for task {task}; see {report.get('output')}")
+        gain = adapter_psnr - base_psnr
+        row = {"method": trained[task].method, "psnr_base": base_psnr, "psnr_adapter": adapter_psnr, "gain_db": gain}
+        for method in merges:  # retention as eval's merge view computes it (None when the gain is ~0)
+            view = section["merges"].get(f"merged-{method}", {})
+            row[f"psnr_{method}"] = psnr.get(f"merged-{method}")
+            row[f"retention_{method}"] = view.get("psnr_retention")
+        out[task] = row
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'task':<11} {'method':<17} {'base':>6} {'adapter':>8} {'gain':>6} {'lsq':>6} {'ret.lsq':>8} "
+             f"{'linear':>7} {'ret.lin':>8}"]
+    for task, row in summary["tasks"].items():
+        lines.append(
+            f"{task:<11} {row['method']:<17} {row['psnr_base']:6.2f} {row['psnr_adapter']:8.2f} {row['gain_db']:+6.2f} "
+            f"{row['psnr_lsq']:6.2f} {_pct(row['retention_lsq']):>8} {row['psnr_linear']:7.2f} {_pct(row['retention_linear']):>8}"
+        )
+    bank = summary["bank"]
+    swaps = ", ".join(f"{t} {ms:.2f} ms" for t, ms in bank["swap_ms"].items())
+    lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base).",
+              f"hot-swap (median of 20): {swaps}; one edit: {bank['edit_ms']:.0f} ms",
+              "routing: " + "; ".join(f"'{r['instruction']}' -> {r['task'] or 'base'} ({r['cosine']:.2f})" for r in bank["routing"]),
+              "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())
+              + f"; {summary['seconds']:.0f} in all",
+              f"report: {summary['files']['report_html']}"]
+    return "\n".join(lines)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
