@@ -242,3 +242,18 @@ def test_full_tmpfs_gives_a_clear_error_and_keeps_the_old_adapter(tiny_base, tmp
             save_adapter(random_custom_diffusion(tiny_base, "derain", seed=seed), str(tmpfs / f"copy{seed}"))
     assert {k: v for k, v in tree_digest(tmpfs).items() if k.startswith("derain")} == before
     assert not [p for p in os.listdir(tmpfs) if p.startswith(".")]  # no temp folders left behind
+
+
+@pytest.mark.parametrize("path", ["../outside.png", "in/../../outside.png", "/etc/passwd"])
+def test_dataset_paths_escaping_the_folder_are_refused(tmp_path, path):
+    from adapterkit.train.data import load_edit_dataset
+
+    folder = tmp_path / "data"
+    (folder / "in").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "in" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    rows = [{"input_image_file_name": "in/a.png", "edited_image_file_name": "in/a.png", "edit_prompt": "derain"},
+            {"input_image_file_name": "in/a.png", "edited_image_file_name": path, "edit_prompt": "derain"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(AdapterkitError, match="line 2: edited_image_file_name .* points outside the dataset folder"):
+        load_edit_dataset(str(folder))

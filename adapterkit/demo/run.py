@@ -48,6 +48,8 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
     started = time.perf_counter()
     base = load_base(settings.base)
     steps = settings.inference_steps or int(base.info.get("default_steps", 20))
+    guidance = {"guidance": float(base.info.get("default_guidance", 7.0)),
+                "image_guidance": float(base.info.get("default_image_guidance", 1.5))}
     phases = {}
 
     def timed(name, fn, *args):
@@ -59,12 +61,12 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
     folders = timed("data", _write_datasets, output, settings, base.resolution, quiet)
     trained = timed("train", _train_adapters, output, folders, settings, quiet)
     merges, merge_reports = timed("merge", _merge_adapters, output, base, trained, settings, quiet)
-    evaluation = timed("eval", _evaluate, output, base, folders["eval"], trained, merges, steps, settings, quiet)
+    evaluation = timed("eval", _evaluate, output, base, folders["eval"], trained, merges, steps, guidance, settings, quiet)
     bank_base = load_base(settings.base)  # a fresh pipeline: the eval's bank keeps its live LoRA slot on `base`
     bank_figures = timed("bank", _bank_demo, bank_base, trained, merges["lsq"], steps, folders["eval"])
     summary = {
         "base": {"name": settings.base, "fingerprint": base.fingerprint, "resolution": base.resolution},
-        "settings": settings.__dict__ | {"inference_steps": steps},
+        "settings": settings.__dict__ | {"inference_steps": steps, **guidance},
         "tasks": _task_summary(evaluation.report, trained, merges),
         "phase_seconds": phases,
         "merge": merge_reports,
@@ -142,12 +144,12 @@ def _merge_adapters(output: str, base, trained: dict, settings: DemoSettings, qu
     return merges, reports
 
 
-def _evaluate(output, base, data, trained, merges, steps, settings, quiet):
+def _evaluate(output, base, data, trained, merges, steps, guidance, settings, quiet):
     from ..eval import evaluate
 
     adapters = [os.path.join(output, "adapters", t) for t in trained]
     adapters += [os.path.join(output, "merges", f"merged-{m}") for m in merges]  # column names = folder names
-    return evaluate(base, data, adapters, output, steps=steps, seed=settings.seed, quiet=quiet)
+    return evaluate(base, data, adapters, output, steps=steps, seed=settings.seed, quiet=quiet, **guidance)
 
 
 def _bank_demo(base, trained: dict, merged, steps: int, eval_folder: str) -> dict:

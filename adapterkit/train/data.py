@@ -200,9 +200,21 @@ class _FolderTable:
                     raise AdapterkitError(f"{metadata} line {number} is not valid JSON ({e.msg}); fix the file") from e
                 if not isinstance(record, dict):
                     raise AdapterkitError(f"{metadata} line {number} is not a JSON object; fix the file")
+                for key, value in record.items():
+                    if (key == "file_name" or key.endswith("_file_name")) and isinstance(value, str) and value:
+                        self._check_inside(metadata, number, key, value)
                 self.records.append({_column_name(k): v for k, v in record.items()})
         self.columns = list(dict.fromkeys(k for r in self.records for k in r))
         self.num_rows = len(self.records)
+
+    def _check_inside(self, metadata: str, number: int, key: str, value: str) -> None:
+        """Image paths must stay inside the dataset folder: no absolute paths, no `../` escapes (issue 7)."""
+        root = os.path.realpath(self.root)
+        target = os.path.realpath(os.path.join(root, value))
+        if os.path.isabs(value) or os.path.commonpath([root, target]) != root:
+            raise AdapterkitError(
+                f"{metadata} line {number}: {key} '{value}' points outside the dataset folder; use paths relative to it"
+            )
 
     def strings(self, column: str) -> list[str]:
         return [str(r.get(column) or "") for r in self.records]
@@ -211,7 +223,7 @@ class _FolderTable:
         value = self.records[row].get(column)
         if not isinstance(value, str) or not value:
             raise _Unreadable(f"no file name in column {column}")
-        return value if os.path.isabs(value) else os.path.join(self.root, value)
+        return os.path.join(self.root, value)  # checked to stay inside the folder when the table was read
 
 
 def _column_name(key: str) -> str:
