@@ -92,6 +92,10 @@ def test_shared_prefix_rows_get_the_mean_target(tiny_base):
     shared = result.report["shared_rows"]
     assert shared["count"] == 2  # "make", "it"
     assert all(g["tasks"] == ["rainy", "snowy"] for g in shared["groups"])
+    for task in result.report["tasks"]:
+        assert task["shared_rows"] == 2
+        assert task["residual"] <= 1e-4  # exact on the rows it owns alone ("rain"/"snow", EOS)
+        assert task["residual_all_rows"] > 0.1  # the shared rows hold the mean, not this task's value
     prefix = features.instruction_features(tiny_base, ["make it rain"])["make it rain"][:2]  # (2, d): make, it
     for name, merged in result.adapter.tensors.items():
         mean_target = (kv_weight(a, tiny_base, name) + kv_weight(b, tiny_base, name)) / 2 @ prefix.T

@@ -198,23 +198,38 @@ def _solve_lsq(method, inputs: _Inputs, targets: lsq.Targets, gram, ridge, targe
 
 def _build_report(method, inputs: _Inputs, targets: lsq.Targets, kv_deltas, kv_factors, gram, solve_info) -> dict:
     tasks = []
-    for adapter, kv, rows in zip(inputs.adapters, inputs.kv, targets.task_rows):
+    base_energy = reporting.energies(inputs.base_weights, gram)  # ||W0 C_reg^T||^2 per layer, shared by every drift
+    for adapter, kv, rows, own in zip(inputs.adapters, inputs.kv, targets.task_rows, targets.own_rows):
+        shared = rows.shape[0] - own.shape[0]
         tasks.append({
             "task": adapter.task,
             "source": adapter.path,
             "instructions": len(adapter.instructions),
             "target_rows": int(rows.shape[0]),
-            "residual": reporting.task_residual(kv_deltas, kv, rows),
-            "source_drift": reporting.drift(kv, inputs.base_weights, gram),
+            "shared_rows": int(shared),
+            # On the rows the task owns alone (what exact lsq reproduces), and on all its rows, shared ones included.
+            "residual": reporting.task_residual(kv_deltas, kv, own),
+            "residual_all_rows": reporting.task_residual(kv_deltas, kv, rows) if shared else None,
+            "source_drift": reporting.drift(kv, base_energy, gram),
         })
     if kv_factors is not None:
         ranks = [reporting.factored_rank(b, a) for b, a in kv_factors.values()]
+        merged_drift = reporting.drift({n: (b, a) for n, (b, a) in kv_factors.items()}, base_energy, gram)
     else:
         ranks = [reporting.dense_rank(d) for d in kv_deltas.values()]
+        merged_drift = reporting.drift(kv_deltas, base_energy, gram)
+    warnings = []
+    if method.startswith("lsq") and tasks and merged_drift > max(t["source_drift"] for t in tasks):
+        # Exact targets on nearly equal rows with different values force large changes along their small difference.
+        warnings.append(
+            "the merge drifts more on regularization prompts than any source adapter: some tasks' instruction features "
+            "are nearly the same with conflicting targets; try --method lsq-soft or more distinct instructions"
+        )
     return {
         "method": method,
         "tasks": tasks,
-        "drift": reporting.drift(kv_deltas, inputs.base_weights, gram),
+        "drift": merged_drift,
+        "warnings": warnings,
         "rank": {"min": min(ranks, default=0), "max": max(ranks, default=0)},
         "shared_rows": {"count": len(targets.shared), "groups": targets.shared},
         **solve_info,

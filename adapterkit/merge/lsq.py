@@ -46,7 +46,8 @@ class Targets:
 
     rows: torch.Tensor  # (m, d_text) float64
     owners: list[tuple[int, ...]]  # per row: the indices of the tasks whose output it must reproduce
-    task_rows: list[torch.Tensor]  # per task: (k_i, d_text) its own rows, for the residual in the report
+    task_rows: list[torch.Tensor]  # per task: (k_i, d_text) all its rows, shared or not
+    own_rows: list[torch.Tensor]  # per task: the rows no other task owns (exact lsq reproduces the task there)
     shared: list[dict] = field(default_factory=list)  # rows owned by several tasks: {"tasks", "instructions"}
 
     @property
@@ -74,7 +75,8 @@ def build_targets(features: dict[str, torch.Tensor], task_instructions: list[lis
             raw_texts.append(text)
     d_text = next(iter(features.values())).shape[1] if features else 0
     if not raw_rows:
-        return Targets(torch.zeros(0, d_text, dtype=torch.float64), [], [torch.zeros(0, d_text, dtype=torch.float64)] * len(task_instructions))
+        empty = [torch.zeros(0, d_text, dtype=torch.float64)] * len(task_instructions)
+        return Targets(torch.zeros(0, d_text, dtype=torch.float64), [], empty, empty)
     stacked = torch.stack(raw_rows)  # (R, d_text)
     groups = _group_equal_rows(stacked)
     rows, owners, shared = [], [], []
@@ -84,11 +86,12 @@ def build_targets(features: dict[str, torch.Tensor], task_instructions: list[lis
         owners.append(tuple(owner))
         if len(owner) > 1:
             shared.append({"tasks": [task_names[i] for i in owner], "instructions": sorted({raw_texts[j] for j in members})})
-    task_rows = []
-    for i in range(len(task_instructions)):
-        mine = [g for g, o in enumerate(owners) if i in o]
-        task_rows.append(torch.stack([rows[g] for g in mine]) if mine else torch.zeros(0, d_text, dtype=torch.float64))
-    return Targets(torch.stack(rows), owners, task_rows, shared)
+    def stack(indices: list[int]) -> torch.Tensor:
+        return torch.stack([rows[g] for g in indices]) if indices else torch.zeros(0, d_text, dtype=torch.float64)
+
+    task_rows = [stack([g for g, o in enumerate(owners) if i in o]) for i in range(len(task_instructions))]
+    own_rows = [stack([g for g, o in enumerate(owners) if o == (i,)]) for i in range(len(task_instructions))]
+    return Targets(torch.stack(rows), owners, task_rows, own_rows, shared)
 
 
 def _group_equal_rows(rows: torch.Tensor) -> list[list[int]]:

@@ -2,6 +2,8 @@
 
 - residual of task i:  ||W C_i^T - W_i C_i^T||_F / ||W_i C_i^T - W0 C_i^T||_F   on the task's own target rows:
   0 when the merged model reproduces the task there, 1 when it does no better than the base.
+- residual is measured on the rows the task owns alone (exact lsq promises ~0 there); rows shared with another task
+  (identical causal prefixes) get the mean target, and `residual_all_rows` includes them.
 - drift:  ||(W - W0) C_reg^T||_F / ||W0 C_reg^T||_F  on the regularization prompts, from their Gram matrix M
   (||X C_reg^T||_F^2 = n * trace(X M X^T)); each source adapter's own drift is reported beside it.
 - rank: the numerical rank of each layer's update W - W0 (min and max over layers).
@@ -32,17 +34,30 @@ def task_residual(merged: dict[str, torch.Tensor], task_delta: dict[str, torch.T
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def drift(deltas: dict[str, torch.Tensor], base_weights: dict[str, torch.Tensor], gram: torch.Tensor) -> float:
-    """Mean over K/V layers of ||dW C_reg^T|| / ||W0 C_reg^T||, computed from M = C_reg^T C_reg / n."""
+def energies(weights: dict[str, torch.Tensor], gram: torch.Tensor) -> dict[str, float]:
+    """Layer -> trace(W M W^T) = ||W C_reg^T||_F^2 / n, in float32 (a report figure: d_out x d x d per layer)."""
+    gram32 = gram.to(torch.float32)
+    return {name: float(((w.to(torch.float32) @ gram32) * w.to(torch.float32)).sum().clamp_min(0)) for name, w in weights.items()}
+
+
+def drift(deltas: dict, base_energy: dict[str, float], gram: torch.Tensor) -> float:
+    """Mean over K/V layers of ||dW C_reg^T|| / ||W0 C_reg^T|| (layers absent from `deltas` count as 0).
+
+    A delta is a dense (d_out, d_text) matrix or LoRA-like factors (B, A): then trace(B (A M A^T) B^T) costs
+    d_out x m^2 instead of d_out x d_text^2.
+    """
     ratios = []
-    for name, w0 in base_weights.items():
+    for name, bottom in base_energy.items():
         delta = deltas.get(name)
         if delta is None:
             ratios.append(0.0)
             continue
-        top = torch.einsum("od,de,oe->", delta, gram, delta).clamp_min(0)
-        bottom = torch.einsum("od,de,oe->", w0, gram, w0).clamp_min(1e-30)
-        ratios.append(math.sqrt(float(top / bottom)))
+        if isinstance(delta, tuple):
+            b, a = delta
+            top = float(((b @ (a @ gram @ a.T)) * b).sum().clamp_min(0))
+        else:
+            top = energies({name: delta}, gram)[name]
+        ratios.append(math.sqrt(top / max(bottom, 1e-30)))
     return sum(ratios) / len(ratios) if ratios else 0.0
 
 
@@ -56,23 +71,27 @@ def factored_rank(b: torch.Tensor, a: torch.Tensor) -> int:
 
 
 def dense_rank(delta: torch.Tensor) -> int:
-    return _rank(delta)
+    """Numerical rank of a dense update; float32 singular values suffice for a report figure (and are 4x faster)."""
+    return _rank(delta.to(torch.float32), rtol=1e-6)
 
 
-def _rank(matrix: torch.Tensor) -> int:
+def _rank(matrix: torch.Tensor, rtol: float = RANK_RTOL) -> int:
     s = torch.linalg.svdvals(matrix)
     if s.numel() == 0 or s[0] <= 0:
         return 0
-    return int((s > RANK_RTOL * s[0]).sum())
+    return int((s > rtol * s[0]).sum())
 
 
 def format_table(report: dict) -> str:
     """A short text table: one line per task, then the totals."""
     lines = [f"merge method {report['method']}" + (f" (positions {report['positions']})" if report.get("positions") else "")]
-    lines.append(f"{'task':<24} {'source':<28} {'rows':>5} {'residual':>10} {'source drift':>13}")
+    lines.append(f"{'task':<24} {'source':<28} {'rows':>5} {'shared':>6} {'residual':>10} {'source drift':>13}")
     for t in report["tasks"]:
         residual = "n/a" if t["residual"] is None else f"{t['residual']:.2e}"
-        lines.append(f"{t['task'][:24]:<24} {str(t['source'])[-28:]:<28} {t['target_rows']:>5} {residual:>10} {t['source_drift']:>13.4f}")
+        lines.append(
+            f"{t['task'][:24]:<24} {str(t['source'])[-28:]:<28} {t['target_rows']:>5} {t['shared_rows']:>6} {residual:>10} "
+            f"{t['source_drift']:>13.4f}"
+        )
     lines.append(f"drift on {report['regularization']['prompts']} regularization prompts: {report['drift']:.4f}")
     lines.append(f"rank of the update per layer: {report['rank']['min']}..{report['rank']['max']}")
     if report.get("condition_number") is not None:
@@ -82,6 +101,8 @@ def format_table(report: dict) -> str:
     other = report.get("other_modules")
     if other:
         lines.append(f"{other['count']} modules outside attn2 K/V merged with '{other['method']}' (least squares does not apply)")
+    for warning in report.get("warnings", []):
+        lines.append(f"warning: {warning}")
     times = report["time_s"]
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
     return "\n".join(lines)
