@@ -93,11 +93,13 @@ def merge(
             "some LoRA inputs change modules outside attn2 K/V (trained with --targets attn), which a Custom Diffusion "
             "adapter cannot hold; pass --as-lora"
         )
+    timings = {"load": time.perf_counter() - start}
+    features_start = time.perf_counter()
     prompts = features.read_prompts(reg_prompts) if not isinstance(reg_prompts, list) else sorted(set(reg_prompts) | {""})
     gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet)
     text_features = features.instruction_features(base, [t for a in inputs.adapters for t in a.instructions], positions, quiet=quiet)
     targets = lsq.build_targets(text_features, [a.instructions for a in inputs.adapters], [a.task for a in inputs.adapters])
-    timings = {"features": time.perf_counter() - start}
+    timings["features"] = time.perf_counter() - features_start
 
     solve_start = time.perf_counter()
     if method in ("lsq", "lsq-soft"):
