@@ -25,16 +25,22 @@ def open_image(path: str) -> Image.Image:
     """Open an image file as RGB; one-line errors for missing, unreadable or oversized files."""
     if not os.path.isfile(path):
         raise AdapterkitError(f"image {path} does not exist")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+        return read_rgb(path)
     except Image.DecompressionBombError as e:
         raise AdapterkitError(f"image {path} is too large (over {MAX_IMAGE_PIXELS} pixels); downscale it first") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise AdapterkitError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
+def read_rgb(source) -> Image.Image:
+    """Open a path or file object as RGB with Pillow's pixel cap set to MAX_IMAGE_PIXELS; PIL's errors propagate."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with Image.open(source) as img:
+            img.load()
+            return to_rgb(img)
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 

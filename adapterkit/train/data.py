@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import AdapterkitError
-from ..inference import MAX_IMAGE_PIXELS, to_rgb
+from ..inference import read_rgb, to_rgb
 
 # preset -> (input column, target column, instruction column)
 PRESETS = {
@@ -313,16 +313,10 @@ def _decode(value) -> Image.Image:
         raise _Unreadable("empty image cell")
     if isinstance(value, str) and not os.path.isfile(value):
         raise _Unreadable(f"missing file {value}")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(value) as img:
-            img.load()
-            return to_rgb(img)
+        return read_rgb(value)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _Unreadable(f"{value if isinstance(value, str) else 'image bytes'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
 def read_instructions_file(path: str) -> list[str]:
