@@ -1,19 +1,30 @@
 """Atomic writes: a crash or a full disk never leaves a half-written file or folder where a good one was.
 
 Files and folders are written under a temporary name in the same directory, flushed, then renamed into place.
+Temporary names are hidden and say who made them: `.<name>.<kind>-<host>-<pid>-<random>`, kind `tmp` (being
+written), `old` (a complete folder moved aside while its replacement is renamed in) or `del` (being deleted).
+A process killed with SIGKILL leaves them behind; `clean_stale` removes those whose process is gone (and puts
+back a folder that a kill left moved aside), so they never pile up or block the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 
 from safetensors import SafetensorError
 
 from .errors import AdapterkitError
+from .faults import fault_point
 
 # safetensors reports a full disk or a file-size limit as SafetensorError("... I/O error: ..."), not OSError.
 _WRITE_ERRORS = (OSError, SafetensorError)
@@ -34,25 +45,20 @@ def _prepare_parent(path: str) -> str:
 def atomic_folder(path: str):
     """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.
 
-    An existing folder at `path` is moved aside, the new one renamed in, then the old one deleted, so at every
-    instant `path` is either the complete old folder, absent (between two renames), or the complete new one.
+    At every instant `path` is the complete old folder or the complete new one (see `_swap_in`), also under
+    SIGKILL. Stale temporary folders of `path` left by killed processes are cleaned first (`clean_stale`).
     """
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise AdapterkitError(f"{path} exists and is not a folder; choose another output path")
     parent = _prepare_parent(path)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    clean_stale(parent, os.path.basename(path))
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path, "tmp"), dir=parent)
     try:
         yield tmp
         _fsync_tree(tmp)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fault_point(f"atomic_folder.{os.path.basename(path)}")
+        _swap_in(tmp, path)
     except _WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise AdapterkitError(f"cannot write {path}: {_reason(e)}; check free space and permissions") from e
@@ -66,7 +72,7 @@ def atomic_file(path: str, mode: str = "wb"):
     """Yield a file object for a temporary name beside `path`, renamed over `path` once closed successfully."""
     path = os.path.abspath(path)
     parent = _prepare_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -102,3 +108,108 @@ def _fsync_tree(folder: str) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------------ replacing, cleaning
+_RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 flag, swap two existing paths in one step
+_AT_FDCWD = -100
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^-]*$")
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(path: str, kind: str) -> str:
+    """`.<name>.<kind>-<host>-<pid>-`: hidden, and naming its owner so that `clean_stale` knows when it is stale."""
+    return f".{os.path.basename(path)}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _swap_in(tmp: str, path: str) -> None:
+    """Put the complete folder `tmp` at `path`, then delete what was there.
+
+    Linux swaps the two names in one step (renameat2 RENAME_EXCHANGE), so `path` is never absent. Elsewhere
+    (or on a file system without it) the old folder is renamed aside first; a kill between the two renames
+    leaves `path` absent and the old folder at `.<name>.old-...`, which `clean_stale` moves back.
+    """
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder (a kill here: clean_stale deletes it)
+        return
+    old = tempfile.mkdtemp(prefix=_temp_prefix(path, "old"), dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically; False where the OS or file system cannot (then the caller renames twice)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, some musl builds)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def discard_folder(path: str) -> None:
+    """Delete a folder so that it is never seen half deleted: hide it under a temporary name, then delete it."""
+    hidden = tempfile.mkdtemp(prefix=_temp_prefix(path, "del"), dir=os.path.dirname(os.path.abspath(path)))
+    os.rmdir(hidden)
+    os.rename(path, hidden)
+    fault_point(f"discard.{os.path.basename(path)}")
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def clean_stale(folder: str, name: str | None = None) -> list[str]:
+    """Remove the temporary files and folders in `folder` (of `name` only, when given) left by dead processes.
+
+    Only entries made by adapterkit on this host whose process no longer runs are touched. A folder that a kill
+    left moved aside (`.<name>.old-...` with `<name>` absent) is put back instead of deleted: it is the last
+    complete version (a rename is atomic; it is deleted only once the new one is in place). Returns the paths
+    removed or restored.
+    """
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    done = []
+    for entry in entries:
+        match = _TEMP_NAME.match(entry)
+        if not match or (name is not None and match["name"] != name) or match["host"] != _host() or _alive(int(match["pid"])):
+            continue
+        path, target = os.path.join(folder, entry), os.path.join(folder, match["name"])
+        with contextlib.suppress(OSError):
+            if match["kind"] == "old" and not os.path.lexists(target) and os.path.isdir(path):
+                os.rename(path, target)
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            done.append(path)
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # Windows' os.kill(pid, 0) would send CTRL_C_EVENT: never clean there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

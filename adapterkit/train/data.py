@@ -69,6 +69,7 @@ class EditDataset:
     instructions: list[str]  # instruction of each index (no image decoding), "" without an instruction column
     _read: object = field(repr=False, default=None)  # callable(row, column) -> raw image value
     skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was unreadable
+    dropped: dict[int, str] = field(default_factory=dict)  # source row -> why it was left out when loading
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -121,12 +122,27 @@ def load_edit_dataset(
     """Open an edit dataset and resolve its columns; nothing is decoded yet.
 
     `task` keeps the rows of one task (`task_matches`); `limit` then keeps the first `limit` rows.
+    `require_instruction=True` drops rows whose instruction is empty or null (counted in `dropped`): trained on
+    "", an adapter would learn the edit for the empty prompt that guidance uses as its unconditional branch.
     `require_instruction=False` accepts a dataset without an instruction column (instructions become "").
     """
     table = _open_source(source, split)
+    if table.num_rows == 0:
+        raise AdapterkitError(
+            f"dataset {source} (split {split}) has no rows; add rows (see the README for the format) or pass another --data"
+        )
     names = _resolve_columns(table.columns, source, preset, input_column, target_column, instruction_column, require_instruction)
     instructions = table.strings(names[2]) if names[2] else [""] * table.num_rows
     rows = list(range(table.num_rows))
+    dropped = {}
+    if require_instruction and not task:  # (a task's rows all hold its name or keywords)
+        dropped = {r: f"empty instruction in column {names[2]}" for r in rows if not instructions[r].strip()}
+        rows = [r for r in rows if r not in dropped]
+        if not rows:
+            raise AdapterkitError(
+                f"every row of {source} has an empty instruction in column '{names[2]}'; fill it, pass --instruction-column, "
+                "or give the instructions another way (train: --instructions FILE or --instruction TEXT; eval: --instructions adapter)"
+            )
     if task:
         rows = [r for r in rows if task_matches(instructions[r], task)]
         if not rows:
@@ -148,6 +164,7 @@ def load_edit_dataset(
         rows=rows,
         instructions=[instructions[r] for r in rows],
         _read=table.read,
+        dropped=dropped,
     )
 
 

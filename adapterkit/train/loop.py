@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from ..adapters import Adapter, custom_diffusion, load_adapter, lora, save_adapter
 from ..base import load_base
 from ..errors import AdapterkitError
-from ..fileio import atomic_file, atomic_folder, write_json
+from ..faults import fault_point
+from ..fileio import atomic_file, atomic_folder, clean_stale, discard_folder, write_json
 from .config import TrainConfig
 from .data import (
     EditDataset,
@@ -106,6 +107,9 @@ def train(cfg: TrainConfig) -> Adapter:
     accelerator = _make_accelerator(cfg)
     run = _setup(cfg, accelerator)
     state = _resume(run) if cfg.resume else TrainerState()
+    if accelerator.is_main_process:  # the log reads like one run: rows after the starting step are dropped
+        _truncate_log(os.path.join(cfg.output, LOGS, "train_log.jsonl"), state.step)
+    _init_trackers(run)
     stop = _StopSignal()
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.task}", unit="step", disable=cfg.quiet or not accelerator.is_main_process)
     images_per_step = cfg.batch_size * cfg.gradient_accumulation * run.world
@@ -163,9 +167,14 @@ def _make_accelerator(cfg: TrainConfig):
     )
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise AdapterkitError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
-    if log_with != "none":
-        accelerator.init_trackers("adapterkit", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()})
     return accelerator
+
+
+def _init_trackers(run: _Run) -> None:
+    """Called once setup passed, so that a run refused for bad data or a bad base writes nothing under OUTPUT."""
+    if run.accelerator.log_with:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in run.cfg.to_dict().items()}
+        run.accelerator.init_trackers("adapterkit", config=config)
 
 
 def _reset_accelerate_state() -> None:
@@ -185,6 +194,8 @@ def _setup(cfg: TrainConfig, accelerator) -> _Run:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    if accelerator.is_main_process:
+        _clean_stale_temporaries(cfg.output)
     _check_output_folder(cfg)
     synonyms = list(dict.fromkeys(list(cfg.instructions) + (read_instructions_file(cfg.instructions_file) if cfg.instructions_file else [])))
     dataset = load_edit_dataset(
@@ -192,6 +203,8 @@ def _setup(cfg: TrainConfig, accelerator) -> _Run:
         instruction_column=cfg.instruction_column, split=cfg.split, task=cfg.data_task, limit=cfg.limit,
         require_instruction=not synonyms,
     )
+    if dataset.dropped:
+        accelerator.print(f"{len(dataset.dropped)} rows of {cfg.data} have an empty instruction and are left out")
     validation_indices, train_indices = _hold_out(len(dataset), cfg)
     base = load_base(cfg.base)
     resolution = cfg.resolution or base.resolution
@@ -218,6 +231,13 @@ def _setup(cfg: TrainConfig, accelerator) -> _Run:
         )
         _check_skipped(run, len(dataset.skipped))
     return run
+
+
+def _clean_stale_temporaries(output: str) -> None:
+    """Delete what a killed run left half written: temporary copies of OUTPUT and of its checkpoints, logs, images."""
+    clean_stale(os.path.dirname(os.path.abspath(output)), os.path.basename(os.path.abspath(output)))
+    for sub in ("", CHECKPOINTS, VALIDATION, LOGS):
+        clean_stale(os.path.join(output, sub))
 
 
 def _check_output_folder(cfg: TrainConfig) -> None:
@@ -323,6 +343,7 @@ def _train_step(run: _Run, step: int, stop: _StopSignal) -> tuple[float, int, bo
     local = torch.stack([torch.stack(losses).mean(), torch.tensor(float(len(run.dataset.skipped))).to(losses[0]), torch.tensor(float(stop.requested)).to(losses[0])])
     stats = accelerator.gather(local[None]).reshape(-1, 3)  # (processes, 3)
     loss = float(stats[:, 0].mean())
+    fault_point("train.step")  # tests: SIGKILL with gradients computed, weights not yet updated
     if math.isfinite(loss):
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -517,10 +538,16 @@ def _checkpoint_path(cfg: TrainConfig, step: int) -> str:
 
 
 def _list_checkpoints(folder: str) -> list[str]:
-    """Complete checkpoints, oldest first (temporary folders start with '.', so they never match)."""
+    """Complete checkpoints, oldest first.
+
+    A checkpoint is written in a temporary folder (its name starts with '.', so it never matches) and renamed
+    into place, and pruned by renaming it away before deleting it: a `checkpoint-N` folder is always complete.
+    Folders without trainer_state.json (written last) are not ours and are ignored too.
+    """
     if not os.path.isdir(folder):
         return []
-    found = [n for n in os.listdir(folder) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
+    found = [n for n in os.listdir(folder) if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()
+             and os.path.isfile(os.path.join(folder, n, STATE_FILE))]
     return [os.path.join(folder, n) for n in sorted(found, key=lambda n: int(n.split("-", 1)[1]))]
 
 
@@ -530,13 +557,16 @@ def _save_checkpoint(run: _Run, state: TrainerState) -> str:
     path = _checkpoint_path(cfg, state.step)
     with _shared_atomic_folder(accelerator, path) as tmp:
         accelerator.save_state(tmp)
+        fault_point("checkpoint.write")  # tests: SIGKILL with the temporary folder half written
         if accelerator.is_main_process:
             save_adapter(_current_adapter(run, state), os.path.join(tmp, "adapter"))
             state_dict = {**dataclasses.asdict(state), "last_checkpoint": path, "config": cfg.to_dict(), "num_processes": run.world}
             write_json(os.path.join(tmp, STATE_FILE), state_dict)
+    fault_point("checkpoint.saved")  # tests: SIGKILL after the rename, before older checkpoints are pruned
     if accelerator.is_main_process and cfg.checkpoints_total_limit:
+        # Pruned only now that the new one is complete; hidden before deletion, so never listed half deleted.
         for old in _list_checkpoints(os.path.join(cfg.output, CHECKPOINTS))[: -cfg.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard_folder(old)
     return path
 
 
@@ -572,8 +602,6 @@ def _resume(run: _Run) -> TrainerState:
         accelerator.print(f"resuming with changed settings: {', '.join(changed)}")
     _load_adapter_weights(run, load_adapter(os.path.join(path, "adapter")).tensors)
     accelerator.load_state(path)
-    if accelerator.is_main_process:
-        _truncate_log(os.path.join(cfg.output, LOGS, "train_log.jsonl"), saved["step"])
     run.dataset.skipped.update({int(k): v for k, v in saved.get("skipped", {}).items()})
     return TrainerState(step=saved["step"], losses=list(saved["losses"]), skipped=dict(run.dataset.skipped), last_checkpoint=path)
 
@@ -600,13 +628,23 @@ def _load_adapter_weights(run: _Run, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """Drop log rows after the resumed step, so the log reads like one uninterrupted run."""
+    """Drop log rows after `step` (all of them for a new run), so the log reads like one uninterrupted run.
+
+    A killed run's rows past its last checkpoint go, and so does a torn last line (a crash mid-write).
+    """
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        rows = [line for line in f if _log_step(line) <= step]
     with atomic_file(path, "w") as f:
         f.writelines(rows)
+
+
+def _log_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # ==================================================================================================== output
@@ -625,6 +663,7 @@ def _current_adapter(run: _Run, state: TrainerState) -> Adapter:
         "global_batch_size": cfg.batch_size * cfg.gradient_accumulation * run.world,
         "training_rows": len(run.train_indices),
         "skipped_rows": len(state.skipped),
+        "rows_without_instruction": len(run.dataset.dropped),
     }
     return Adapter(
         method=cfg.method,
@@ -670,6 +709,7 @@ def _publish(adapter: Adapter, output: str) -> None:
         for name in os.listdir(staged):
             os.rename(os.path.join(staged, name), os.path.join(tmp, name))
         os.rmdir(staged)
+        fault_point("publish.write")  # tests: SIGKILL with the new OUTPUT half assembled
         for sub in (CHECKPOINTS, VALIDATION, LOGS):
             if os.path.isdir(os.path.join(output, sub)):
                 shutil.copytree(os.path.join(output, sub), os.path.join(tmp, sub), copy_function=_link_or_copy)
