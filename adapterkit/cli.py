@@ -193,21 +193,22 @@ def merge_command(adapters, weights, fuse, output_pipeline, **options):
 
 # --- demo-data command (issue 6) ---
 @main.command("demo-data")
-@click.option("--task", required=True,
+@click.option("--task", "tasks", required=True, multiple=True,
               help="Procedural task: derain, cartoonize, denoise, lowlight (held out from builtin:tiny) or a general "
-                   "edit (brighter, darker, contrast, grayscale, hue, blur, sharpen, invert, posterize, sepia).")
+                   "edit (brighter, darker, contrast, grayscale, hue, blur, sharpen, invert, posterize, sepia). "
+                   "Repeat it to write several tasks into one folder (--rows rows of each).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Dataset folder to write (imagefolder + metadata.jsonl).")
-@click.option("--rows", default=200, show_default=True, type=int, help="Number of (input, instruction, target) rows.")
+@click.option("--rows", default=200, show_default=True, type=int, help="Number of (input, instruction, target) rows per task.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of crops, degradations and phrasings.")
 @click.option("--resolution", default=64, show_default=True, type=int, help="Side of the square images (multiple of 8).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "eval"]),
               help="train or eval: crops from disjoint source photographs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo_data_command(task, output, rows, seed, resolution, split, quiet):
+def demo_data_command(tasks, output, rows, seed, resolution, split, quiet):
     """Write a procedural task as a dataset folder that `adapterkit train --data` reads."""
     from .demo.tasks import write_task_dataset
 
-    click.echo(write_task_dataset(task, output, n=rows, seed=seed, resolution=resolution, split=split, quiet=quiet))
+    click.echo(write_task_dataset(tasks[0] if len(tasks) == 1 else list(tasks), output, n=rows, seed=seed, resolution=resolution, split=split, quiet=quiet))
 
 
 # --- train command (issue 3) ---
@@ -230,6 +231,7 @@ class _SectionedCommand(click.Command):
 
 def _train_options(f):
     """One flag per TrainConfig field; every default is None ("not given") so a --config file is only overridden by flags given."""
+    import types
     import typing
 
     from .train.config import FIELDS, _HINTS
@@ -237,7 +239,9 @@ def _train_options(f):
     for name, field_ in reversed(list(FIELDS.items())):
         meta, hint = field_.metadata, _HINTS[name]
         flag = "--" + (meta["flag"] or name).replace("_", "-")
-        kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+        # Unwrap only Optional[X] / X | None: tuple[str, ...] has args too, but is itself the kind (repeatable flag).
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)] if union else [hint]
         shown = "required" if meta["group"] == "required" else (f"default: {field_.default}" if field_.default not in (None, ()) else "")
         help_text = meta["help"] + (f" [{shown}]" if shown else "")
         if kinds[0] is bool:

@@ -96,3 +96,19 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
     (tmp_path / "c.toml").write_text("stepz = 3\n")
     result = runner.invoke(main, ["train", "--config", str(tmp_path / "c.toml")])
     assert result.exit_code == 2 and "did you mean 'steps'" in result.output
+
+
+def test_repeated_instruction_flags_reach_the_config(monkeypatch):
+    import sys
+
+    seen = {}
+
+    def fake_train(cfg):  # stands in for the training loop: only the parsed config matters here
+        seen["cfg"] = cfg
+        raise AdapterkitError("stop here")
+
+    monkeypatch.setattr(sys.modules["adapterkit.train"], "train", fake_train)
+    args = ["train", *sum((["--" + k, v] for k, v in REQUIRED.items()), []), "--instruction", "derain it", "--instruction", "remove the rain"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["cfg"].instructions == ("derain it", "remove the rain")
