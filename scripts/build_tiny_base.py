@@ -403,6 +403,7 @@ def build(cfg: BuildConfig, output: str, quiet: bool, vae_from: str | None = Non
     else:
         stats = train_vae(vae, pool, edits, cfg, quiet)
     vae.requires_grad_(False)
+    make_posterior_deterministic(vae)
     cond = encode_all(vae, pool)  # (N, 4, h, w), unscaled
     targets = torch.stack([encode_all(vae, edits[t]) for t in tasks.GENERAL_TASKS])  # (T, N, 4, h, w)
     scaling = float(1.0 / targets.std())
@@ -419,6 +420,20 @@ def build(cfg: BuildConfig, output: str, quiet: bool, vae_from: str | None = Non
     }
     save_base(output, tokenizer, text_encoder, vae, unet, cfg, provenance)
     return provenance
+
+
+@torch.no_grad()
+def make_posterior_deterministic(vae) -> None:
+    """Pin the encoder's log-variance at diffusers' floor (-30, std ~3e-7), so latent_dist.sample() == mean.
+
+    The VAE is trained on decoded posterior means with a tiny KL term, which only pulls the (unused) log-variance
+    toward 0: std ~1 in unscaled units while the means spread ~0.33. Training loops that sample the target latent,
+    as diffusers' train_instruct_pix2pix.py does with `latent_dist.sample()`, would then see targets drowned in
+    noise (adapter loss stuck near 1.3). quant_conv maps 8 -> 8 channels: [mean (4) | logvar (4)].
+    """
+    half = vae.quant_conv.out_channels // 2
+    vae.quant_conv.weight[half:] = 0.0
+    vae.quant_conv.bias[half:] = -30.0
 
 
 def _load_vae_weights(vae, folder: str) -> dict:

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 from click.testing import CliRunner
 
 from adapterkit.cli import main
@@ -143,3 +144,20 @@ def test_psnr():
     a = np.zeros((4, 4, 3), np.uint8)
     assert tasks.psnr(a, a) == 100.0
     assert tasks.psnr(a, a + 51) == pytest.approx(20 * np.log10(255 / 51))
+
+
+def test_demo_data_writes_several_tasks_into_one_folder(tmp_path):
+    from adapterkit.train.data import load_edit_dataset
+
+    out = str(tmp_path / "mixed")
+    args = ["demo-data", "--task", "derain", "--task", "cartoonize", "--output", out, "--rows", "2", "--split", "eval", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(os.path.join(out, "input"))) == ["cartoonize-00000.png", "cartoonize-00001.png",
+                                                              "derain-00000.png", "derain-00001.png"]
+    info = json.load(open(os.path.join(out, tasks.DATASET_INFO_FILE)))
+    assert [t["task"] for t in info["tasks"]] == ["derain", "cartoonize"] and info["rows_per_task"] == 2
+    dataset = load_edit_dataset(out, task="cartoonize")  # the task selector finds each task's rows again
+    assert len(dataset) == 2
+    example = tasks.make_example("cartoonize", 1, 0, 64, split="eval")
+    assert np.array_equal(np.asarray(Image.open(os.path.join(out, "edited", "cartoonize-00001.png"))), example.target)

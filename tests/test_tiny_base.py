@@ -74,3 +74,13 @@ def test_the_instruction_chooses_the_edit(base):
     _, darker = _edit(base, "darker", n=2, steps=10)
     _, brighter = _edit(base, "brighter", n=2, steps=10)  # same rows, same images
     assert darker.mean() < brighter.mean() - 0.1
+
+
+def test_bundled_vae_posterior_is_deterministic(base):
+    # Training samples target latents with latent_dist.sample() (as diffusers' IP2P script does): the bundled VAE's
+    # log-variance is pinned at the floor so a sample equals the mean the UNet was built on (scripts/build_tiny_base.py).
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        posterior = base.pipe.vae.encode(pixels).latent_dist
+    assert posterior.std.max() < 1e-5
+    assert torch.allclose(posterior.sample(torch.Generator().manual_seed(1)), posterior.mode(), atol=1e-5)

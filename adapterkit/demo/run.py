@@ -81,33 +81,15 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
 
 def _write_datasets(output: str, settings: DemoSettings, resolution: int, quiet: bool) -> dict[str, str]:
     """One training folder per task and one eval folder holding both tasks' held-out rows."""
-    import json
-
-    from ..fileio import atomic_folder
-    from .tasks import make_example, write_task_dataset
+    from .tasks import write_task_dataset
 
     data = os.path.join(output, "data")
     folders = {}
     for task in DEMO_TASKS:
         folders[task] = write_task_dataset(task, os.path.join(data, f"{task}-train"), n=settings.train_rows,
                                            seed=settings.seed, resolution=resolution, split="train", quiet=quiet)
-    with atomic_folder(os.path.join(data, "eval")) as tmp:
-        from PIL import Image
-
-        os.makedirs(os.path.join(tmp, "input"))
-        os.makedirs(os.path.join(tmp, "edited"))
-        rows = []
-        for task in DEMO_TASKS:
-            for i in range(settings.eval_rows):
-                example = make_example(task, i, settings.seed, resolution, split="eval")
-                name = f"{task}-{i:03d}.png"
-                Image.fromarray(example.input).save(os.path.join(tmp, "input", name))
-                Image.fromarray(example.target).save(os.path.join(tmp, "edited", name))
-                rows.append({"input_image_file_name": f"input/{name}", "edited_image_file_name": f"edited/{name}",
-                             "edit_prompt": example.instruction})
-        with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    folders["eval"] = os.path.join(data, "eval")
+    folders["eval"] = write_task_dataset(list(DEMO_TASKS), os.path.join(data, "eval"), n=settings.eval_rows,
+                                         seed=settings.seed, resolution=resolution, split="eval", quiet=quiet)
     return folders
 
 
@@ -175,7 +157,7 @@ def _bank_demo(base, trained: dict, merged, steps: int, eval_folder: str) -> dic
     for instruction in ROUTING_PROBES:
         task, score = bank.route(instruction)
         routing.append({"instruction": instruction, "task": task, "cosine": round(score, 3)})
-    image = open_image(os.path.join(eval_folder, "input", f"{next(iter(trained))}-000.png"))
+    image = open_image(os.path.join(eval_folder, "input", f"{next(iter(trained))}-00000.png"))
     start = time.perf_counter()
     bank.edit(image, ROUTING_PROBES[0], steps=steps)
     edit_ms = (time.perf_counter() - start) * 1e3

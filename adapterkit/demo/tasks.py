@@ -25,7 +25,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -405,38 +405,50 @@ def _check_dataset_args(task: str, n: int, resolution: int, split: str) -> None:
 
 
 def write_task_dataset(
-    task: str, output: str, n: int = 200, seed: int = 0, resolution: int = 64, split: str = "train", quiet: bool = False
+    task: str | Sequence[str], output: str, n: int = 200, seed: int = 0, resolution: int = 64, split: str = "train",
+    quiet: bool = False,
 ) -> str:
-    """Write `n` rows of `task` as an imagefolder dataset (atomically) and return `output`.
+    """Write `n` rows of `task` (or `n` rows of each of several tasks) as an imagefolder dataset, atomically.
 
-    Layout: `input/00000.png`, `edited/00000.png`, `metadata.jsonl` rows `{"input_image_file_name",
-    "edited_image_file_name", "edit_prompt"}` (datasets' imagefolder turns them into the columns `input_image`,
-    `edited_image`, `edit_prompt`: diffusers' IP2P script defaults), and `task.json` (task, instructions, seed, split).
+    Layout: `input/00000.png`, `edited/00000.png` (several tasks: `input/derain-00000.png`, ...), `metadata.jsonl`
+    rows `{"input_image_file_name", "edited_image_file_name", "edit_prompt"}` (datasets' imagefolder turns them into
+    the columns `input_image`, `edited_image`, `edit_prompt`: diffusers' IP2P script defaults), and `task.json`
+    (task(s), instructions, seed, split). Returns `output`.
     """
     from tqdm.auto import tqdm
 
     from ..fileio import atomic_folder
 
-    _check_dataset_args(task, n, resolution, split)
-    spec = TASKS[task]
+    names = [task] if isinstance(task, str) else list(task)
+    if not names:
+        raise AdapterkitError("name at least one task to write")
+    for name in names:
+        _check_dataset_args(name, n, resolution, split)
+    jobs = [(name, i) for name in names for i in range(n)]
     with atomic_folder(output) as tmp:
         os.makedirs(os.path.join(tmp, "input"))
         os.makedirs(os.path.join(tmp, "edited"))
         rows = []
-        for i in tqdm(range(n), desc=f"writing {task}", disable=quiet):
-            ex = make_example(task, i, seed, resolution, split)
-            name = f"{i:05d}.png"
-            Image.fromarray(ex.input).save(os.path.join(tmp, "input", name))
-            Image.fromarray(ex.target).save(os.path.join(tmp, "edited", name))
-            rows.append({"input_image_file_name": f"input/{name}", "edited_image_file_name": f"edited/{name}",
+        for name, i in tqdm(jobs, desc=f"writing {', '.join(names)}", disable=quiet):
+            ex = make_example(name, i, seed, resolution, split)
+            file = f"{i:05d}.png" if len(names) == 1 else f"{name}-{i:05d}.png"
+            Image.fromarray(ex.input).save(os.path.join(tmp, "input", file))
+            Image.fromarray(ex.target).save(os.path.join(tmp, "edited", file))
+            rows.append({"input_image_file_name": f"input/{file}", "edited_image_file_name": f"edited/{file}",
                          "edit_prompt": ex.instruction})
         with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        info = {"task": task, "kind": spec.kind, "description": spec.description, "instructions": list(spec.instructions),
-                "rows": n, "seed": seed, "split": split, "resolution": resolution}
         with open(os.path.join(tmp, DATASET_INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
+            json.dump(_dataset_info(names, n, seed, split, resolution), f, indent=2)
     return output
+
+
+def _dataset_info(names: list[str], n: int, seed: int, split: str, resolution: int) -> dict:
+    """task.json: one task's description, or a list of them for a multi-task folder."""
+    specs = [{"task": t, "kind": TASKS[t].kind, "description": TASKS[t].description,
+              "instructions": list(TASKS[t].instructions)} for t in names]
+    common = {"rows": n, "seed": seed, "split": split, "resolution": resolution}
+    return {**specs[0], **common} if len(specs) == 1 else {"tasks": specs, "rows_per_task": n, **common}
 
 
 # ---------------------------------------------------------------- scoring a base on tasks
