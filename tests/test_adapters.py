@@ -164,3 +164,13 @@ def test_adapter_for_another_base_is_refused_unless_forced(tiny_base, tmp_path):
         AdapterBank(tiny_base).add(random_custom_diffusion(narrow, "x"), force=True)
     with pytest.raises(AdapterkitError, match="maps 16->"):
         AdapterBank(tiny_base).add(random_lora(narrow, "y"), force=True)
+
+
+def test_lora_on_conv_layers_is_refused_before_training(tiny_base):
+    from adapterkit.adapters import lora
+
+    config = lora.make_config(4, targets="to_k,conv1")
+    with pytest.raises(AdapterkitError, match=r"down_blocks\.0\.resnets\.0\.conv1 is a Conv2d.*Linear layers only"):
+        lora.make_trainable(tiny_base.unet, config)
+    assert not any(".lora_" in name for name, _ in tiny_base.unet.named_parameters())  # nothing attached
+    assert lora.make_trainable(tiny_base.unet, lora.make_config(4, targets="attn"))  # Linear presets still train

@@ -49,6 +49,7 @@ def make_trainable(unet, config: dict, adapter_name: str = "adapterkit_train") -
     """Freeze the UNet and attach a fresh peft LoRA (gaussian A, zero B: the model starts equal to the base)."""
     from peft import LoraConfig
 
+    _refuse_non_linear_targets(unet, config["target_modules"])
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(init_lora_weights="gaussian", **config), adapter_name=adapter_name)
     params = [p for n, p in unet.named_parameters() if ".lora_" in n and f".{adapter_name}." in n]
@@ -57,6 +58,17 @@ def make_trainable(unet, config: dict, adapter_name: str = "adapterkit_train") -
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _refuse_non_linear_targets(unet, targets: list[str]) -> None:
+    """peft would wrap a Conv2d too, but adapterkit's LoRA files, bank, swap and merge handle (out, in) Linear
+    matrices only: a conv LoRA would train and then fail to load. Matching rule as peft's: the name or its suffix."""
+    for name, module in unet.named_modules():
+        if any(name == t or name.endswith("." + t) for t in targets) and not isinstance(module, torch.nn.Linear):
+            raise AdapterkitError(
+                f"LoRA target {name} is a {type(module).__name__}; adapterkit's LoRA adapters target Linear layers only: "
+                "use --targets kv, attn, or names of attention projections (to_k, to_v, to_q, to_out.0, ff.net.2)"
+            )
 
 
 def extract(unet, adapter_name: str = "adapterkit_train") -> dict[str, torch.Tensor]:
