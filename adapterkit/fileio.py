@@ -55,6 +55,7 @@ def atomic_folder(path: str):
     clean_stale(parent, os.path.basename(path))
     tmp = tempfile.mkdtemp(prefix=_temp_prefix(path, "tmp"), dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give the folder the mode os.makedirs would have
         yield tmp
         _fsync_tree(tmp)
         fault_point(f"atomic_folder.{os.path.basename(path)}")
@@ -74,6 +75,7 @@ def atomic_file(path: str, mode: str = "wb"):
     parent = _prepare_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path, "tmp"), dir=parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would have
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -85,6 +87,13 @@ def atomic_file(path: str, mode: str = "wb"):
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _reason(e: BaseException) -> str:

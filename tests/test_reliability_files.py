@@ -257,3 +257,19 @@ def test_dataset_paths_escaping_the_folder_are_refused(tmp_path, path):
     (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(AdapterkitError, match="line 2: edited_image_file_name .* points outside the dataset folder"):
         load_edit_dataset(str(folder))
+
+
+def test_atomic_writes_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import stat
+
+    from adapterkit import fileio
+
+    old = os.umask(0o022)
+    try:
+        fileio.write_json(str(tmp_path / "report.json"), {"a": 1})
+        with fileio.atomic_folder(str(tmp_path / "adapter")) as tmp:
+            open(os.path.join(tmp, "weights.safetensors"), "wb").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "report.json").st_mode) == 0o644  # readable by a web server serving reports
+    assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o755
