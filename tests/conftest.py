@@ -22,6 +22,24 @@ def tiny_base_dir(tmp_path_factory) -> str:
     return save_tiny_pipeline(str(tmp_path_factory.mktemp("bases") / "tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def trainable_base_dir(tmp_path_factory) -> str:
+    """The tiny base training tests use (factories.make_trainable_tiny_base), saved once per session."""
+    from factories import make_trainable_tiny_base
+
+    return make_trainable_tiny_base(tmp_path_factory.mktemp("bases") / "trainable")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from a second one, and on shared CI cores two
+    threads run ~3x slower (OpenMP waits on descheduled threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_base(tiny_base_dir):
     """A freshly loaded tiny base (tests may change its weights)."""

@@ -10,6 +10,7 @@ from factories import random_custom_diffusion, random_lora
 from adapterkit.adapters.bank import AdapterBank
 from adapterkit.base import load_base
 from adapterkit.errors import AdapterkitError
+from adapterkit.inference import run_pipeline
 
 GEN = dict(steps=2, seed=3, output_type="np")
 
@@ -129,3 +130,22 @@ def test_a_second_bank_on_one_pipeline_is_refused_while_the_first_holds_state(ti
     second.add(random_lora(tiny_base, "lora_b", rank=2, seed=4))
     with pytest.raises(AdapterkitError, match="live LoRA slot of another AdapterBank"):
         second.activate("lora_b")
+
+
+def test_close_gives_the_pipeline_back_for_another_bank(tiny_base_dir, tiny_base, image):
+    lora_a = random_lora(tiny_base, "a", rank=2)  # made before any bank wraps the UNet's layers
+    cd_b = random_custom_diffusion(tiny_base, "b")
+    first = AdapterBank(tiny_base)
+    first.add(lora_a)
+    first.add(cd_b)
+    before = {t: first.edit(image, "x", task=t, steps=2, seed=0, output_type="np") for t in ("a", "b")}
+    first.close()
+    assert not getattr(tiny_base.unet, "peft_config", None)  # the live slot is gone
+    plain = run_pipeline(tiny_base.pipe, image, "x", steps=2, seed=0, output_type="np")
+    fresh = run_pipeline(load_base(tiny_base_dir).pipe, image, "x", steps=2, seed=0, output_type="np")
+    assert np.array_equal(plain, fresh)  # base K/V restored exactly
+    second = AdapterBank(tiny_base)  # refused before close() existed: the first bank's slot was still there
+    second.add(lora_a)
+    second.add(cd_b)
+    for task, output in before.items():
+        assert np.array_equal(second.edit(image, "x", task=task, steps=2, seed=0, output_type="np"), output)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from adapterkit.base import load_base
 from adapterkit.demo.tasks import write_task_dataset
@@ -14,13 +13,7 @@ from adapterkit.eval import evaluate
 from adapterkit.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 64 px base gains little from a second thread, and on shared CI cores two threads can run slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_short_lora_training_on_builtin_tiny_improves_heldout_cartoonize(tmp_path):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_edit_dataset, make_trainable_tiny_base
+from factories import make_edit_dataset
 from PIL import Image
 
 from adapterkit.adapters import load_adapter
@@ -34,18 +34,12 @@ ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "pytorch_custom_diffusion_w
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet gains nothing from a second thread; the killed subprocesses use one too (same numbers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return make_trainable_tiny_base(tmp_path_factory.mktemp("crash_base") / "base")
+def base_dir(trainable_base_dir):
+    return trainable_base_dir
 
 
 @pytest.fixture(scope="module")

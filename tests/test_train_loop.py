@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_edit_dataset, make_trainable_tiny_base, random_image
+from factories import make_edit_dataset, random_image
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -26,18 +26,12 @@ METHODS = ["custom-diffusion", "lora"]
 WEIGHT_FILES = {"custom-diffusion": "pytorch_custom_diffusion_weights.safetensors", "lora": "pytorch_lora_weights.safetensors"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet gains nothing from a second thread, and on shared cores two threads run ~3x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return make_trainable_tiny_base(tmp_path_factory.mktemp("train_base") / "base")
+def base_dir(trainable_base_dir):
+    return trainable_base_dir
 
 
 @pytest.fixture(scope="module")

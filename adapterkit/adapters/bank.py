@@ -135,6 +135,17 @@ class AdapterBank:
         """Back to the base: base K/V copied back, LoRA slot scaled to zero. Output equals the base's exactly."""
         self.activate(None)
 
+    def close(self) -> None:
+        """Give the pipeline back as it came: base K/V restored and the live LoRA slot removed, so that another bank
+        (or a later `evaluate`) can use the same Base. The bank holds no adapter afterwards."""
+        with self._lock:
+            self.deactivate()
+            if self._lora_slot is not None:
+                self.pipe.delete_adapters(LIVE_LORA)
+                self._lora_slot, self._slot_tensors = None, {}
+            self._adapters.clear()
+            self._features.clear()
+
     def _restore_base_kv(self) -> None:
         if self._kv_dirty:
             custom_diffusion.swap_in(self.pipe.unet, {name: self._base_kv[name] for name in self._kv_dirty}, self._kv_layers)

@@ -83,8 +83,7 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
     trained = timed("train", _train_adapters, output, folders, settings, quiet)
     merges, merge_reports = timed("merge", _merge_adapters, output, base, trained, settings, quiet)
     evaluation = timed("eval", _evaluate, output, base, folders["eval"], trained, merges, steps, guidance, settings, quiet)
-    bank_base = load_base(settings.base)  # a fresh pipeline: the eval's bank keeps its live LoRA slot on `base`
-    bank_figures = timed("bank", _bank_demo, bank_base, trained, merges["lsq"], steps, folders["eval"])
+    bank_figures = timed("bank", _bank_demo, base, trained, merges["lsq"], steps, folders["eval"])
     summary = {
         "base": {"name": settings.base, "fingerprint": base.fingerprint, "resolution": base.resolution},
         "settings": settings.__dict__ | {"inference_steps": steps, **guidance},
@@ -179,7 +178,7 @@ def _bank_demo(base, trained: dict, merged, steps: int, eval_folder: str) -> dic
     start = time.perf_counter()
     bank.edit(image, ROUTING_PROBES[0], steps=steps)
     edit_ms = (time.perf_counter() - start) * 1e3
-    bank.deactivate()
+    bank.close()
     return {"swap_ms": swap_ms, "edit_ms": edit_ms, "routing": routing, "route_threshold": bank.route_threshold}
 
 

@@ -480,7 +480,7 @@ def evaluate(
         with atomic_folder(os.path.join(output, "images")) as images_dir:
             _generate_all(bank, columns, rows, cache, keys, settings, images_dir, folders, quiet)
     finally:
-        bank.deactivate()
+        bank.close()  # the caller's Base is left as it came (no live LoRA slot): it can be evaluated again
     sections = {}
     for task in tasks:
         task_columns = [c for c in columns if task in c.tasks]
