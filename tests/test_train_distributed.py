@@ -28,7 +28,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, method):
     output = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "--no-python", sys.executable, "-c", "from adapterkit.cli import main; main()",
         "train", "--base", base, "--data", data, "--method", method, "--task", "invert", "--output", str(output),
         "--resolution", "32", "--steps", "4", "--batch-size", "2", "--gradient-accumulation", "2",
@@ -57,3 +57,13 @@ def meta_tensors(output):
     assert os.path.isfile(output / "pytorch_lora_weights.safetensors")
     load_file(output / "pytorch_lora_weights.safetensors")  # plain safetensors file
     return load_adapter(str(output)).tensors
+
+
+def _free_port() -> int:
+    """A port nobody listens on now: a fixed one collides with a run left over from an earlier (hung) test."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+

@@ -137,7 +137,9 @@ def train(cfg: TrainConfig) -> Adapter:
                 )
         if cfg.validation_steps and state.step % cfg.validation_steps != 0:
             _validate(run, state.step)
-        return _finish(run, state)
+        adapter = _finish(run, state)
+        _release_process_group(run)
+        return adapter
     finally:
         stop.restore()
         bar.close()
@@ -696,6 +698,24 @@ def _finish(run: _Run, state: TrainerState) -> Adapter:
     accelerator.wait_for_everyone()
     adapter.path = run.cfg.output
     return adapter
+
+
+def _release_process_group(run: _Run) -> None:
+    """Multi-process runs: free the DDP wrapper and destroy the process group while every process is still here.
+
+    Left to interpreter exit, the DDP Reducer's destructor tears down the gloo process group after the first process
+    has already gone, and joining gloo's threads can then block forever (seen under torchrun on 2 CPU processes:
+    one rank hung in ~ProcessGroupGloo with its adapter already written).
+    """
+    if run.world <= 1:
+        return
+    import torch.distributed as dist
+
+    run.accelerator.wait_for_everyone()
+    run.unet = run.optimizer = None
+    run.accelerator.free_memory()  # drops the accelerator's references to the prepared (DDP) model
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _publish(adapter: Adapter, output: str) -> None:
