@@ -35,7 +35,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, method):
         "--validation-steps", "2", "--validation-rows", "1", "--validation-inference-steps", "2",
         "--checkpoint-steps", "2", "--log-with", "none", "--quiet",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)  # ~12 s normally; a hang fails fast
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("adapter 'invert' ->") == 2  # each process reports the one shared output folder
     meta = json.load(open(output / "adapter.json"))
