@@ -38,18 +38,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(trainable_base_dir):
-    return trainable_base_dir
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_edit_dataset(tmp_path_factory.mktemp("crash_data") / "invert", 8, size=32)
 
 
-def train_args(base_dir, data_dir, output, *, method="lora", seed=0, checkpoint_steps=2, limit=2) -> list[str]:
+def train_args(trainable_base_dir, data_dir, output, *, method="lora", seed=0, checkpoint_steps=2, limit=2) -> list[str]:
     return [
-        "train", "--base", base_dir, "--data", data_dir, "--method", method, "--task", "invert", "--output", str(output),
+        "train", "--base", trainable_base_dir, "--data", data_dir, "--method", method, "--task", "invert", "--output", str(output),
         "--resolution", "32", "--steps", str(STEPS), "--batch-size", "1", "--optimizer", "adamw", "--seed", str(seed),
         "--validation-steps", "0", "--checkpoint-steps", str(checkpoint_steps), "--checkpoints-total-limit", str(limit),
         "--log-with", "none", "--quiet",
@@ -63,12 +58,12 @@ def run_cli(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def reference(base_dir, data_dir, tmp_path_factory):
+def reference(trainable_base_dir, data_dir, tmp_path_factory):
     """The weights of runs that were never killed, per (method, seed)."""
     found = {}
     for method, seed in (("lora", 0), ("custom-diffusion", 0)):
         output = tmp_path_factory.mktemp("reference") / "out"
-        run_cli(train_args(base_dir, data_dir, output, method=method, seed=seed))
+        run_cli(train_args(trainable_base_dir, data_dir, output, method=method, seed=seed))
         found[method, seed] = load_adapter(str(output)).tensors
     return found
 
@@ -149,10 +144,10 @@ MOMENTS = {
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
-def test_kill_9_leaves_no_corrupt_checkpoint_and_resume_finishes(base_dir, data_dir, reference, tmp_path, moment):
+def test_kill_9_leaves_no_corrupt_checkpoint_and_resume_finishes(trainable_base_dir, data_dir, reference, tmp_path, moment):
     point, limit, listed, leaves_temporaries, after = MOMENTS[moment]
     output = tmp_path / "out"
-    args = train_args(base_dir, data_dir, output, limit=limit)
+    args = train_args(trainable_base_dir, data_dir, output, limit=limit)
     kill_at(point, args)
     assert checkpoint_steps_listed(output) == listed
     assert adapter_digest(output) == {}  # no adapter, and above all no partial one
@@ -161,13 +156,13 @@ def test_kill_9_leaves_no_corrupt_checkpoint_and_resume_finishes(base_dir, data_
 
 
 @pytest.mark.parametrize("point", ["publish.write", "atomic_folder.out"])
-def test_kill_9_during_final_save_keeps_the_existing_adapter(base_dir, data_dir, reference, tmp_path, point):
+def test_kill_9_during_final_save_keeps_the_existing_adapter(trainable_base_dir, data_dir, reference, tmp_path, point):
     """f: OUTPUT holds an adapter from an earlier run; a new run killed while saving leaves it byte-identical."""
     output = tmp_path / "out"
-    run_cli(train_args(base_dir, data_dir, output, method="custom-diffusion", seed=1, checkpoint_steps=0))
+    run_cli(train_args(trainable_base_dir, data_dir, output, method="custom-diffusion", seed=1, checkpoint_steps=0))
     old = adapter_digest(output)
     assert set(old) == {"pytorch_custom_diffusion_weights.safetensors", "adapter.json", "README.md"}
-    args = train_args(base_dir, data_dir, output, method="custom-diffusion")
+    args = train_args(trainable_base_dir, data_dir, output, method="custom-diffusion")
     kill_at(point, args)
     assert adapter_digest(output) == old
     assert load_adapter(str(output)).training["seed"] == 1
@@ -177,13 +172,13 @@ def test_kill_9_during_final_save_keeps_the_existing_adapter(base_dir, data_dir,
     assert adapter_digest(output) != old
 
 
-def test_a_folder_left_moved_aside_is_put_back(base_dir, data_dir, reference, tmp_path):
+def test_a_folder_left_moved_aside_is_put_back(trainable_base_dir, data_dir, reference, tmp_path):
     """Without renameat2 (not Linux, or a file system without RENAME_EXCHANGE) OUTPUT is replaced by two renames;
     a kill between them leaves it at `.out.old-<host>-<pid>-*`. The next run puts it back, checkpoints and all."""
     from adapterkit import fileio
 
     output = tmp_path / "out"
-    args = train_args(base_dir, data_dir, output)
+    args = train_args(trainable_base_dir, data_dir, output)
     kill_at("train.step:5", args)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     aside = tmp_path / f".out.old-{fileio._host()}-{dead}-x1"
@@ -246,45 +241,45 @@ def write_rows(folder, rows) -> str:
     return str(folder)
 
 
-def test_empty_datasets_are_refused(base_dir, tmp_path):
+def test_empty_datasets_are_refused(trainable_base_dir, tmp_path):
     output = tmp_path / "out"
     no_rows = write_rows(tmp_path / "no_rows", [])
-    refused(train_args(base_dir, no_rows, output), output, r"has no rows; add rows")
+    refused(train_args(trainable_base_dir, no_rows, output), output, r"has no rows; add rows")
     (tmp_path / "no_rows" / "metadata.jsonl").write_text("\n\n")  # blank lines only
-    refused(train_args(base_dir, no_rows, output), output, r"has no rows; add rows")
+    refused(train_args(trainable_base_dir, no_rows, output), output, r"has no rows; add rows")
     (tmp_path / "empty").mkdir()  # no metadata.jsonl, no images
-    refused(train_args(base_dir, str(tmp_path / "empty"), output), output, r"neither a folder with metadata.jsonl")
+    refused(train_args(trainable_base_dir, str(tmp_path / "empty"), output), output, r"neither a folder with metadata.jsonl")
     rows = [{"input_image_file_name": f"in/{i}.png", "edited_image_file_name": f"out/{i}.png", "edit_prompt": "invert"}
             for i in range(4)]
     missing = write_rows(tmp_path / "missing", rows)  # rows, but not one image file
-    refused(train_args(base_dir, missing, output), output, r"rows have unreadable images|no training row .* has readable images")
+    refused(train_args(trainable_base_dir, missing, output), output, r"rows have unreadable images|no training row .* has readable images")
 
 
 @pytest.mark.parametrize("value", ["", None, "   "])
-def test_an_empty_instruction_column_is_refused(base_dir, data_dir, tmp_path, value):
+def test_an_empty_instruction_column_is_refused(trainable_base_dir, data_dir, tmp_path, value):
     rows = [{**json.loads(line), "edit_prompt": value} for line in open(os.path.join(data_dir, "metadata.jsonl"))]
     folder = write_rows(tmp_path / "data", rows)
     copy_images(data_dir, folder)
     output = tmp_path / "out"
-    refused(train_args(base_dir, folder, output), output, r"every row of .* has an empty instruction in column 'edit_prompt'")
+    refused(train_args(trainable_base_dir, folder, output), output, r"every row of .* has an empty instruction in column 'edit_prompt'")
     # instructions given another way make the column unnecessary
     (tmp_path / "instructions.txt").write_text("invert the image\nnegate the colours\n")
-    run_cli(train_args(base_dir, folder, output, checkpoint_steps=0) + ["--instructions", str(tmp_path / "instructions.txt")])
+    run_cli(train_args(trainable_base_dir, folder, output, checkpoint_steps=0) + ["--instructions", str(tmp_path / "instructions.txt")])
     assert load_adapter(str(output)).instructions == ["invert the image", "negate the colours"]
 
 
-def test_rows_with_an_empty_instruction_are_left_out(base_dir, data_dir, tmp_path):
+def test_rows_with_an_empty_instruction_are_left_out(trainable_base_dir, data_dir, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(data_dir, "metadata.jsonl"))]
     rows[1]["edit_prompt"], rows[5]["edit_prompt"] = "", None
     folder = write_rows(tmp_path / "data", rows)
     copy_images(data_dir, folder)
-    result = run_cli(train_args(base_dir, folder, tmp_path / "out", checkpoint_steps=0))
+    result = run_cli(train_args(trainable_base_dir, folder, tmp_path / "out", checkpoint_steps=0))
     assert "2 rows of" in result.output and "have an empty instruction and are left out" in result.output
     training = load_adapter(str(tmp_path / "out")).training
     assert training["training_rows"] == 6 and training["rows_without_instruction"] == 2
 
 
-def test_images_smaller_than_the_resolution_are_upscaled(base_dir, tmp_path):
+def test_images_smaller_than_the_resolution_are_upscaled(trainable_base_dir, tmp_path):
     """Documented behaviour: the shorter side is scaled up to --resolution (bicubic), as diffusers' IP2P script does."""
     from adapterkit.train.data import load_edit_dataset, paired_transform, to_tensor
 
@@ -297,7 +292,7 @@ def test_images_smaller_than_the_resolution_are_upscaled(base_dir, tmp_path):
     wide = example.__class__(input=example.input.resize((24, 12)), target=example.target.resize((24, 12)), instruction="x")
     assert paired_transform(wide, 64, torch.Generator(), center_crop=False)[0].shape == (3, 64, 64)
     output = tmp_path / "out"
-    args = train_args(base_dir, data, output, checkpoint_steps=0)
+    args = train_args(trainable_base_dir, data, output, checkpoint_steps=0)
     args[args.index("--resolution") + 1] = "64"
     run_cli(args)
     adapter = load_adapter(str(output))

@@ -30,25 +30,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(trainable_base_dir):
-    return trainable_base_dir
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_edit_dataset(tmp_path_factory.mktemp("train_data") / "invert", 12, size=32)
 
 
-def small_config(base_dir, data_dir, output, method, **changes) -> TrainConfig:
+def small_config(trainable_base_dir, data_dir, output, method, **changes) -> TrainConfig:
     settings = dict(
-        base=base_dir, data=data_dir, method=method, task="invert", output=str(output), resolution=32,
+        base=trainable_base_dir, data=data_dir, method=method, task="invert", output=str(output), resolution=32,
         steps=20, batch_size=2, learning_rate=1e-2, validation_steps=0, checkpoint_steps=0, quiet=True, log_with="none",
     )
     return TrainConfig(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")
-def trained(base_dir, data_dir, tmp_path_factory):
+def trained(trainable_base_dir, data_dir, tmp_path_factory):
     """50 steps of each method (batch 8), with the Base object the loop trained kept for inspection."""
     results = {}
     for method in METHODS:
@@ -57,7 +52,7 @@ def trained(base_dir, data_dir, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(loop_module, "load_base", lambda name: used.append(real_load_base(name)) or used[-1])
             output = tmp_path_factory.mktemp("trained") / method
-            adapter = train(small_config(base_dir, data_dir, output, method, steps=50, batch_size=8,
+            adapter = train(small_config(trainable_base_dir, data_dir, output, method, steps=50, batch_size=8,
                                          validation_steps=25, validation_rows=2, validation_inference_steps=2))
         results[method] = (adapter, used[0], str(output))
     return results
@@ -69,9 +64,9 @@ def _losses(output: str) -> list[float]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_only_adapter_tensors_change_and_loss_falls(trained, base_dir, method):
+def test_only_adapter_tensors_change_and_loss_falls(trained, trainable_base_dir, method):
     adapter, used_base, output = trained[method]
-    fresh = load_base(base_dir)
+    fresh = load_base(trainable_base_dir)
     for part in ("unet", "vae", "text_encoder"):
         before = getattr(fresh.pipe, part).state_dict()
         after = {k.replace(".base_layer", ""): v for k, v in getattr(used_base.pipe, part).state_dict().items() if ".lora_" not in k}
@@ -110,19 +105,19 @@ def test_adapter_folder_contents(trained, method):
     assert all(torch.equal(loaded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
 
 
-def test_lora_loads_in_plain_diffusers_and_matches_adapterkit_edit(trained, base_dir, tmp_path):
+def test_lora_loads_in_plain_diffusers_and_matches_adapterkit_edit(trained, trainable_base_dir, tmp_path):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     _adapter, _base, output = trained["lora"]
     image = random_image(3, 32)
     image.save(tmp_path / "in.png")
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(trainable_base_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     settings = dict(num_inference_steps=3, guidance_scale=7.0, image_guidance_scale=1.5, output_type="np")
     plain_base = pipe("invert the image", image=image, generator=torch.Generator("cpu").manual_seed(0), **settings).images[0]
     pipe.load_lora_weights(output)
     plain = pipe("invert the image", image=image, generator=torch.Generator("cpu").manual_seed(0), **settings).images[0]
-    result = CliRunner().invoke(main, ["edit", "--base", base_dir, "--adapter", output, str(tmp_path / "in.png"),
+    result = CliRunner().invoke(main, ["edit", "--base", trainable_base_dir, "--adapter", output, str(tmp_path / "in.png"),
                                        "--instruction", "invert the image", "--output", str(tmp_path / "out.png"),
                                        "--steps", "3", "--seed", "0", "--quiet"])
     assert result.exit_code == 0, result.output
@@ -137,8 +132,8 @@ class _Killed(BaseException):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_resume_after_kill_is_bitwise_identical(base_dir, data_dir, tmp_path, monkeypatch, method):
-    whole = train(small_config(base_dir, data_dir, tmp_path / "whole", method, checkpoint_steps=10))
+def test_resume_after_kill_is_bitwise_identical(trainable_base_dir, data_dir, tmp_path, monkeypatch, method):
+    whole = train(small_config(trainable_base_dir, data_dir, tmp_path / "whole", method, checkpoint_steps=10))
 
     real_save = loop_module._save_checkpoint
 
@@ -150,11 +145,11 @@ def test_resume_after_kill_is_bitwise_identical(base_dir, data_dir, tmp_path, mo
 
     monkeypatch.setattr(loop_module, "_save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        train(small_config(base_dir, data_dir, tmp_path / "split", method, checkpoint_steps=10))
+        train(small_config(trainable_base_dir, data_dir, tmp_path / "split", method, checkpoint_steps=10))
     monkeypatch.setattr(loop_module, "_save_checkpoint", real_save)
     assert not os.path.exists(tmp_path / "split" / "adapter.json")
     assert os.listdir(tmp_path / "split" / "checkpoints") == ["checkpoint-10"]
-    resumed = train(small_config(base_dir, data_dir, tmp_path / "split", method, checkpoint_steps=10, resume="latest"))
+    resumed = train(small_config(trainable_base_dir, data_dir, tmp_path / "split", method, checkpoint_steps=10, resume="latest"))
 
     a = load_file(os.path.join(tmp_path / "whole", WEIGHT_FILES[method]))
     b = load_file(os.path.join(tmp_path / "split", WEIGHT_FILES[method]))
@@ -162,12 +157,12 @@ def test_resume_after_kill_is_bitwise_identical(base_dir, data_dir, tmp_path, mo
     assert _losses(str(tmp_path / "whole")) == _losses(str(tmp_path / "split"))
     assert resumed.training["final_loss"] == whole.training["final_loss"]
     # a differently seeded run differs: the comparison above is not vacuous
-    other = train(small_config(base_dir, data_dir, tmp_path / "seed1", method, steps=3, seed=1))
+    other = train(small_config(trainable_base_dir, data_dir, tmp_path / "seed1", method, steps=3, seed=1))
     assert _losses(str(tmp_path / "seed1")) != _losses(str(tmp_path / "whole"))[:3]
     assert any(not torch.equal(other.tensors[k], whole.tensors[k]) for k in whole.tensors)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(base_dir, data_dir, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trainable_base_dir, data_dir, tmp_path, monkeypatch):
     real_loss = loop_module.ip2p_loss
     calls = []
 
@@ -179,7 +174,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(base_dir, data_dir
     monkeypatch.setattr(loop_module, "ip2p_loss", loss_nan_at_step_7)
     output = tmp_path / "nan"
     with pytest.raises(AdapterkitError) as info:
-        train(small_config(base_dir, data_dir, output, "custom-diffusion", steps=10, checkpoint_steps=5))
+        train(small_config(trainable_base_dir, data_dir, output, "custom-diffusion", steps=10, checkpoint_steps=5))
     message = str(info.value)
     assert "loss became nan at step 7" in message and "checkpoint-5" in message
     assert os.listdir(output / "checkpoints") == ["checkpoint-5"]
@@ -188,7 +183,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(base_dir, data_dir
     assert all(torch.isfinite(t).all() for t in saved.tensors.values())
 
 
-def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(base_dir, data_dir, tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(trainable_base_dir, data_dir, tmp_path, monkeypatch):
     real_log = loop_module._log
 
     def log_and_interrupt(run, step, *args):
@@ -199,23 +194,23 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(base_dir, data_dir, tmp_
     monkeypatch.setattr(loop_module, "_log", log_and_interrupt)
     output = tmp_path / "ctrlc"
     with pytest.raises(TrainingInterrupted, match=r"checkpoint saved to .*checkpoint-4.*--resume latest"):
-        train(small_config(base_dir, data_dir, output, "lora", steps=8))
+        train(small_config(trainable_base_dir, data_dir, output, "lora", steps=8))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert os.listdir(output / "checkpoints") == ["checkpoint-4"]
     monkeypatch.setattr(loop_module, "_log", real_log)
-    adapter = train(small_config(base_dir, data_dir, output, "lora", steps=8, resume="latest"))
+    adapter = train(small_config(trainable_base_dir, data_dir, output, "lora", steps=8, resume="latest"))
     assert adapter.training["steps_done"] == 8 and len(_losses(str(output))) == 8
 
 
-def test_existing_checkpoints_need_resume(base_dir, data_dir, tmp_path):
+def test_existing_checkpoints_need_resume(trainable_base_dir, data_dir, tmp_path):
     output = tmp_path / "again"
-    train(small_config(base_dir, data_dir, output, "lora", steps=2, checkpoint_steps=2))
+    train(small_config(trainable_base_dir, data_dir, output, "lora", steps=2, checkpoint_steps=2))
     with pytest.raises(AdapterkitError, match="already holds checkpoints.*--resume latest"):
-        train(small_config(base_dir, data_dir, output, "lora", steps=2))
+        train(small_config(trainable_base_dir, data_dir, output, "lora", steps=2))
     with pytest.raises(AdapterkitError, match="not a checkpoint folder"):
-        train(small_config(base_dir, data_dir, output, "lora", steps=2, resume=str(tmp_path)))
+        train(small_config(trainable_base_dir, data_dir, output, "lora", steps=2, resume=str(tmp_path)))
     with pytest.raises(AdapterkitError, match="method='lora'"):
-        train(small_config(base_dir, data_dir, output, "custom-diffusion", steps=3, resume="latest"))
+        train(small_config(trainable_base_dir, data_dir, output, "custom-diffusion", steps=3, resume="latest"))
 
 
 def test_conditioning_dropout_semantics():
@@ -234,10 +229,10 @@ def test_conditioning_dropout_semantics():
         assert abs(float(fraction) - p) < 0.003
 
 
-def test_cache_latents_synonyms_and_bf16(base_dir, data_dir, tmp_path):
+def test_cache_latents_synonyms_and_bf16(trainable_base_dir, data_dir, tmp_path):
     synonyms = tmp_path / "syn.txt"
     synonyms.write_text("negate the colours\ninvert the image\n")
-    adapter = train(small_config(base_dir, data_dir, tmp_path / "cached", "lora", steps=3, cache_latents=True,
+    adapter = train(small_config(trainable_base_dir, data_dir, tmp_path / "cached", "lora", steps=3, cache_latents=True,
                                  instructions=("make it a negative",), instructions_file=str(synonyms),
                                  mixed_precision="bf16", optimizer="adamw"))
     assert adapter.instructions == ["make it a negative", "negate the colours", "invert the image"]
@@ -245,10 +240,10 @@ def test_cache_latents_synonyms_and_bf16(base_dir, data_dir, tmp_path):
     assert all(torch.isfinite(t).all() for t in adapter.tensors.values())
 
 
-def test_latent_cache_flip_and_posterior(base_dir, data_dir):
+def test_latent_cache_flip_and_posterior(trainable_base_dir, data_dir):
     from adapterkit.train.data import LatentCache, encode_images, load_edit_dataset, paired_transform
 
-    pipe = load_base(base_dir).pipe
+    pipe = load_base(trainable_base_dir).pipe
     ds = load_edit_dataset(data_dir)
     cache = LatentCache.build(ds, [0, 1, 2], pipe.vae, pipe.tokenizer, pipe.text_encoder, ["x"], 32, True, quiet=True)
     assert cache.cond.shape == (3, 2, 4, 16, 16) and set(cache.text) == {"", "x", "invert the image"}
@@ -259,18 +254,18 @@ def test_latent_cache_flip_and_posterior(base_dir, data_dir):
     assert torch.allclose(cache.mean[k, 1], mean[1], atol=1e-5) and torch.allclose(cache.std[k, 1], std[1], atol=1e-5)
 
 
-def test_too_many_unreadable_rows_stop_training(base_dir, tmp_path):
+def test_too_many_unreadable_rows_stop_training(trainable_base_dir, tmp_path):
     data = make_edit_dataset(tmp_path / "bad", 10, size=32, unreadable=(0, 1, 2, 3))
     with pytest.raises(AdapterkitError, match=r"rows have unreadable images, more than --max-skipped-fraction 0.1"):
-        train(small_config(base_dir, data, tmp_path / "out", "lora", steps=10, batch_size=4))
-    adapter = train(small_config(base_dir, data, tmp_path / "ok", "lora", steps=3, batch_size=4, max_skipped_fraction=0.5))
+        train(small_config(trainable_base_dir, data, tmp_path / "out", "lora", steps=10, batch_size=4))
+    adapter = train(small_config(trainable_base_dir, data, tmp_path / "ok", "lora", steps=3, batch_size=4, max_skipped_fraction=0.5))
     assert 1 <= adapter.training["skipped_rows"] <= 4
 
 
-def test_cli_train_with_toml_config_and_flag_override(base_dir, data_dir, tmp_path):
+def test_cli_train_with_toml_config_and_flag_override(trainable_base_dir, data_dir, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(
-        f'base = "{base_dir}"\ndata = "{data_dir}"\nmethod = "custom-diffusion"\ntask = "invert"\n'
+        f'base = "{trainable_base_dir}"\ndata = "{data_dir}"\nmethod = "custom-diffusion"\ntask = "invert"\n'
         f'output = "{tmp_path / "cli"}"\nresolution = 32\nsteps = 50\nbatch_size = 1\nvalidation_steps = 0\nlog_with = "none"\n'
     )
     result = CliRunner().invoke(main, ["train", "--config", str(config), "--steps", "2", "--optimizer", "adamw", "--quiet"])
@@ -283,14 +278,14 @@ def test_cli_train_with_toml_config_and_flag_override(base_dir, data_dir, tmp_pa
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_gradient_checkpointing_trains_the_same_adapter(base_dir, data_dir, tmp_path, method):
-    plain = train(small_config(base_dir, data_dir, tmp_path / "plain", method, steps=2, optimizer="adamw"))
-    checkpointed = train(small_config(base_dir, data_dir, tmp_path / "ckpt", method, steps=2, optimizer="adamw", gradient_checkpointing=True))
+def test_gradient_checkpointing_trains_the_same_adapter(trainable_base_dir, data_dir, tmp_path, method):
+    plain = train(small_config(trainable_base_dir, data_dir, tmp_path / "plain", method, steps=2, optimizer="adamw"))
+    checkpointed = train(small_config(trainable_base_dir, data_dir, tmp_path / "ckpt", method, steps=2, optimizer="adamw", gradient_checkpointing=True))
     assert checkpointed.training["gradient_checkpointing"] is True
     for key, value in plain.tensors.items():
         assert torch.allclose(checkpointed.tensors[key], value, atol=1e-6), key
 
 
-def test_fp16_on_cpu_is_refused(base_dir, data_dir, tmp_path):
+def test_fp16_on_cpu_is_refused(trainable_base_dir, data_dir, tmp_path):
     with pytest.raises(AdapterkitError, match="fp16 needs a GPU"):
-        train(small_config(base_dir, data_dir, tmp_path / "fp16", "lora", steps=1, mixed_precision="fp16"))
+        train(small_config(trainable_base_dir, data_dir, tmp_path / "fp16", "lora", steps=1, mixed_precision="fp16"))
