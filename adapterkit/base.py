@@ -15,13 +15,15 @@ from importlib import resources
 
 import torch
 
-from .errors import AdapterkitError
+from .compat import quiet_library_logs
+from .errors import AdapterkitError, first_line
+from .fileio import BASE_INFO_FILE
+
+quiet_library_logs()  # before any pipeline loads (compat.py)
 
 IP2P_TRAINING_RESOLUTION = 256
 BUILTIN_TINY = "builtin:tiny"
 BUILTIN_TINY_RANDOM = "builtin:tiny-random"
-# Written beside model_index.json by bases adapterkit builds: {"resolution": int, ...}.
-BASE_INFO_FILE = "adapterkit_base.json"
 # Config keys that decide whether two UNets are the same network shape.
 _FINGERPRINT_CONFIG_KEYS = (
     "in_channels",
@@ -60,10 +62,15 @@ def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
     layers = {}
     for name, module in unet.named_modules():
         if name.endswith(("attn2.to_k", "attn2.to_v")):
-            layers[name] = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            layers[name] = unwrap_peft(module)
     if not layers:
         raise AdapterkitError("the base UNet has no cross-attention (attn2) layers; is it a Stable Diffusion UNet?")
     return dict(sorted(layers.items()))
+
+
+def unwrap_peft(layer):
+    """The layer under a peft LoRA wrapper (`get_base_layer()`), else the layer itself."""
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
 
 
 def unwrap_compiled(module):
@@ -167,7 +174,7 @@ def _from_pretrained(path: str, name: str, dtype: torch.dtype, convert_sd15: boo
         pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as e:
         if is_local:
-            raise AdapterkitError(f"cannot load base '{name}': {_first_line(e)}") from e
+            raise AdapterkitError(f"cannot load base '{name}': {first_line(e)}") from e
         raise AdapterkitError(
             f"base '{name}' is not available offline (not a local folder, not in the hub cache); "
             "download it once with network access or pass a local diffusers folder"
@@ -242,9 +249,4 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise AdapterkitError(f"cannot read {path}: {_first_line(e)}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise AdapterkitError(f"cannot read {path}: {first_line(e)}") from e

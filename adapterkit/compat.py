@@ -29,6 +29,14 @@ def quiet_third_party_logs() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*No LoRA keys associated to CLIPTextModel.*")
+
+
+def quiet_library_logs() -> None:
+    """The transformers / diffusers part of `quiet_third_party_logs`: it imports both libraries (and so torch), so
+    base.py and tiny.py call it when they are imported, before any pipeline loads, and `import adapterkit` stays
+    light."""
+    if os.environ.get("ADAPTERKIT_VERBOSE"):
+        return
     try:
         import transformers
 

@@ -23,8 +23,12 @@ import tempfile
 
 from safetensors import SafetensorError
 
-from .errors import AdapterkitError
+from .errors import AdapterkitError, first_line
 from .faults import fault_point
+
+# Written beside model_index.json by bases adapterkit builds: {"resolution": int, ...}. Named here, below base.py and tiny.py, so that both can
+# use it without importing each other (base.py builds builtin:tiny-random through tiny.py).
+BASE_INFO_FILE = "adapterkit_base.json"
 
 # safetensors reports a full disk or a file-size limit as SafetensorError("... I/O error: ..."), not OSError.
 _WRITE_ERRORS = (OSError, SafetensorError)
@@ -97,8 +101,8 @@ def _umask() -> int:
 
 
 def _reason(e: BaseException) -> str:
-    text = getattr(e, "strerror", None) or str(e)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    strerror = getattr(e, "strerror", None)
+    return strerror.strip().splitlines()[0] if strerror and strerror.strip() else first_line(e)
 
 
 def write_json(path: str, data) -> None:

@@ -1,15 +1,15 @@
-"""One call of the IP2P pipeline, set up so the same result reproduces in plain diffusers.
+"""One call of the IP2P pipeline, set up so the same result reproduces in plain diffusers; images in; text features.
 
 `seed` S means `generator=torch.Generator("cpu").manual_seed(S)`; defaults are the instruction-tuning blog's
-(20 steps, guidance 7, image guidance 1.5).
+(20 steps, guidance 7, image guidance 1.5). torch and numpy are imported inside the functions that use them: the
+CLI reads the defaults from here and `adapterkit --help` must not load torch.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
-import numpy as np
-import torch
 from PIL import Image
 
 from .errors import AdapterkitError
@@ -48,6 +48,8 @@ def read_rgb(source) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB from any PIL mode: palette and grayscale expand, alpha is composited on white, 16-bit is rescaled."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -80,6 +82,8 @@ def run_pipeline(
     output_type: str = "pil",
 ):
     """Edit one image with whatever adapter the pipeline holds now; returns a PIL image (or array for "np")."""
+    import torch
+
     image = resize_for_edit(to_rgb(image), resolution)
     generator = torch.Generator("cpu").manual_seed(int(seed))
     with torch.no_grad():
@@ -93,3 +97,20 @@ def run_pipeline(
             output_type=output_type,
         )
     return result.images[0]
+
+
+class TextFeatures(NamedTuple):
+    ids: object  # (n, 77) int64 token ids
+    hidden: object  # (n, 77, d_text) float32: last hidden states, what the UNet's cross-attention reads
+    pooled: object  # (n, d_text) float32: the pooled (EOS token) output, what routing compares
+
+
+def encode_text(tokenizer, text_encoder, texts: list[str]) -> TextFeatures:
+    """The one text-encoding rule (as the pipeline's encode_prompt): pad/truncate to the tokenizer's max length,
+    run the encoder once on the whole list, return float32 features on the encoder's device."""
+    import torch
+
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = text_encoder(ids.to(text_encoder.device))
+    return TextFeatures(ids, out[0].float(), out.pooler_output.float())

@@ -13,6 +13,10 @@ import tempfile
 
 import torch
 
+from .compat import quiet_library_logs
+
+quiet_library_logs()  # before any pipeline is built (compat.py)
+
 # Words that get their own token; anything else falls back to characters. Order fixes the token ids.
 TINY_WORDS = (
     "a an the it this that image photo picture of and to in with more less make turn into add remove "
@@ -138,8 +142,7 @@ def make_tiny_pipeline(seed: int = 0, text_dim: int = 32):
 
 def save_tiny_pipeline(output: str, seed: int = 0) -> str:
     """Save `make_tiny_pipeline(seed)` as a diffusers folder (atomically), loadable by from_pretrained offline."""
-    from .base import BASE_INFO_FILE
-    from .fileio import atomic_folder
+    from .fileio import BASE_INFO_FILE, atomic_folder
 
     pipe = make_tiny_pipeline(seed=seed)
     with atomic_folder(output) as tmp:

@@ -1,0 +1,278 @@
+"""`adapterkit eval`: judge adapters and merged adapters side by side on one base, with metrics and image grids.
+
+The rules, in the order they apply:
+
+- **Columns.** "base" (the base alone) is always a column. Each adapter is a column named by its folder (or its
+  task, for an in-memory Adapter); names are made file-safe and unique. An adapter whose adapter.json has a
+  top-level "merge" entry is a **merged adapter**.
+- **Tasks.** The tasks of the plain adapters in the order given, then each merge's source tasks not seen yet.
+  A merge source is a task name, or an adapter folder (its adapter.json task, else its folder name).
+- **Rows of a task.** `task_rows="match"` selects the task's rows with the data module's task selector
+  (`load_edit_dataset(..., task=T)`). `"all"` judges every task on every row (a single-task dataset, or a
+  held-out set you want every adapter on). `"auto"` (default) is "all" when the eval has one task and
+  "match" when it has several. `limit` keeps the first N rows of each task.
+- **Who is judged where.** On task T's rows: the base, every plain adapter of task T, every merge containing T.
+- **Same conditions for every column.** Each (task, row) gets one instruction and one seed, `seed + row`, used
+  by every column; the sampler settings (steps, guidance, image guidance, resolution) are shared. The
+  instruction is the row's own (`instructions="data"`), or the task adapter's stored instructions taken in
+  turn (`instructions="adapter"`; also used for rows without an instruction). The input is resized so its
+  shorter side is `resolution` (default: the base's own), multiples of 8; the target is resized to the same size.
+- **Cache.** Each output is cached in `<output>/cache/<key>.png`, the key a hash of the base's weights, the
+  column's adapter weights, the input pixels, instruction, seed and sampler settings. A re-run that adds one
+  adapter generates only the new column; metrics are always recomputed from the saved PNGs.
+
+Metrics are defined in `eval/metrics.py`, the files written in `eval/report.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..adapters.record import Adapter
+from ..errors import AdapterkitError
+from ..fileio import atomic_file, atomic_folder
+from ..inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, to_rgb
+from . import metrics as M
+from . import report as R
+from .columns import Column, OutputCache, _unique, base_hash, build_columns, image_hash, safe_name
+from .rows import TaskRow, load_rows
+
+TASK_ROWS = ("auto", "match", "all")
+INSTRUCTION_SOURCES = ("data", "adapter")
+
+
+@dataclass
+class EvalResult:
+    output: str
+    report: dict
+    table: str
+    generated: int = 0  # pipeline calls made by this run
+    cached: int = 0  # outputs taken from the cache
+    files: dict = field(default_factory=dict)  # "json", "html", "grids" -> paths
+
+
+# -------------------------------------------------------------------------------------------------- generation
+def _generate_all(bank, columns, rows, cache, keys, settings, images_dir, folders, quiet) -> None:
+    """Every (task, column, row) output into images_dir: from the cache, else the pipeline. Column-major per task
+    so each adapter is swapped in once per task."""
+    jobs = [(task, column, r) for task in rows for column in columns if task in column.tasks for r in rows[task]]
+    # resolution is applied to the inputs beforehand (TaskRow.input); it stays part of the cache key
+    sampler = {k: settings[k] for k in ("steps", "guidance", "image_guidance")}
+    bar = tqdm(jobs, desc="eval", unit="image", disable=quiet)
+    for task, column, r in bar:
+        key = cache.key(base=keys["base"], column=column.content_hash, input=image_hash(r.input),
+                        instruction=r.instruction, seed=r.seed, **settings)
+        image = cache.get(key)
+        if image is None:
+            bar.set_postfix_str(f"{task}/{column.name}", refresh=False)
+            image = bank.edit(r.input, r.instruction, task=None if column.kind == "base" else column.name,
+                              seed=r.seed, resolution=None, **sampler)
+            image = to_rgb(image)
+            cache.put(key, image)
+            cache.misses += 1
+        else:
+            cache.hits += 1
+        if image.size != r.input.size:  # a VAE that rounds sizes differently: compare at the input's size
+            image = image.resize(r.input.size, Image.BICUBIC)
+        _save_png(image, os.path.join(images_dir, folders[task], column.name, f"{r.row}.png"))
+    for task, task_rows in rows.items():
+        for r in task_rows:
+            _save_png(r.input, os.path.join(images_dir, folders[task], "input", f"{r.row}.png"))
+            _save_png(r.target, os.path.join(images_dir, folders[task], "target", f"{r.row}.png"))
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, format="PNG")
+
+
+def _read_png(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+@dataclass
+class Scorers:
+    clip: M.ClipScorer | None
+    lpips: M.LpipsScorer | None
+    skipped: dict  # metric -> "skipped: reason"
+
+
+def load_scorers(clip_model: str | None, device) -> Scorers:
+    skipped = {}
+    clip = M.ClipScorer(clip_model, device=device) if clip_model else None
+    if clip is None:
+        skipped["clip"] = "skipped: no --clip-model given"
+    lpips, reason = M.load_lpips()
+    if reason:
+        skipped["lpips"] = reason
+    return Scorers(clip, lpips, skipped)
+
+
+def score_task(output: str, folder: str, task_columns: list[Column], rows: list[TaskRow], scorers: Scorers,
+               adapter_column: str | None, quiet: bool = False) -> list[dict]:
+    """Per-row records {"row", "instruction", "seed", "metrics": {column: {metric: value}}, "vs_task_adapter"},
+    computed from the saved PNGs."""
+    records, directions = [], {}
+    for r in tqdm(rows, desc=f"score {folder}", unit="row", disable=quiet):
+        path = lambda column: os.path.join(output, "images", folder, column, f"{r.row}.png")  # noqa: E731
+        source, target = _read_png(path("input")), _read_png(path("target"))
+        outputs = {c.name: _read_png(path(c.name)) for c in task_columns}
+        per_column = {name: {"psnr": M.psnr(target, im), "ssim": M.ssim(target, im), "l1": M.l1(target, im)} for name, im in outputs.items()}
+        if scorers.lpips is not None:
+            for name, im in outputs.items():
+                per_column[name]["lpips"] = scorers.lpips(target, im)
+        if scorers.clip is not None:
+            _clip_scores(scorers.clip, source, outputs, r.instruction, directions, per_column)
+        vs = {}
+        if adapter_column is not None:
+            vs = {c.name: M.psnr(outputs[adapter_column], outputs[c.name]) for c in task_columns if c.kind == "merge"}
+        records.append({"row": r.row, "source_row": r.source_row, "instruction": r.instruction, "seed": r.seed, "metrics": per_column, "vs_task_adapter": vs})
+    return records
+
+
+def _clip_scores(clip: M.ClipScorer, source, outputs: dict, instruction: str, directions: dict, per_column: dict) -> None:
+    if instruction not in directions:
+        directions[instruction] = clip.caption_direction(instruction)
+    names = list(outputs)
+    features = clip.image_features([source] + [outputs[n] for n in names])  # (1 + columns, d)
+    for name, feature in zip(names, features[1:]):
+        per_column[name]["clip_image"] = M.clip_image_similarity(features[0], feature)
+        per_column[name]["clip_direction"] = M.clip_directional_similarity(features[0], feature, directions[instruction])
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def build_report(base, data: str, data_options: dict, settings: dict, seed: int, columns: list[Column],
+                 sections: dict, skipped: dict, cache: OutputCache) -> dict:
+    return {
+        "format": R.REPORT_FORMAT,
+        "base": {"name_or_path": base.name_or_path, "fingerprint": base.fingerprint},
+        "data": {"source": data, **{k: v for k, v in data_options.items()}},
+        "generation": {**settings, "seed": seed, "seed_rule": "seed + row"},
+        "captions": {"before": M.CAPTION_BEFORE, "after": M.CAPTION_AFTER},
+        "columns": [_column_record(c) for c in columns],
+        "tasks": sections,
+        "skipped": skipped,
+        "cache": {"generated": cache.misses, "cached": cache.hits},
+    }
+
+
+def _column_record(column: Column) -> dict:
+    record = {"name": column.name, "kind": column.kind, "tasks": column.tasks, "content_hash": column.content_hash}
+    if column.adapter is not None:
+        record.update(task=column.adapter.task, method=column.adapter.method, path=column.adapter.path)
+    if column.kind == "merge":
+        record["merge_method"] = column.adapter.merge.method
+    return record
+
+
+def task_section(task: str, folder: str, task_columns: list[Column], records: list[dict]) -> dict:
+    names = [c.name for c in task_columns]
+    summary = R.summarise_task(records, names)
+    adapter_column = next((c.name for c in task_columns if c.kind == "adapter"), None)
+    merges = {c.name: R.merge_view(records, summary, c.name, adapter_column) for c in task_columns if c.kind == "merge"}
+    folders = {name: name for name in ["input", "target"] + names}
+    return {"n_rows": len(records), "folder": folder, "folders": folders, "columns": names, "metrics": summary,
+            "merges": merges, "rows": records}
+
+
+# -------------------------------------------------------------------------------------------------- evaluate
+def evaluate(
+    base,
+    data: str,
+    adapters: list,
+    output: str,
+    *,
+    preset: str | None = None,
+    input_column: str | None = None,
+    target_column: str | None = None,
+    instruction_column: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    task_rows: str = "auto",
+    instructions: str = "data",
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+    seed: int = 0,
+    resolution: int | None = None,
+    clip_model: str | None = None,
+    force: bool = False,
+    device: str | None = None,
+    quiet: bool = False,
+) -> EvalResult:
+    """Judge `adapters` (folders or Adapter objects; merged ones included) against the base on `data`.
+
+    `base` is a name/path for `load_base` or a loaded Base (it is not modified once the eval returns). Writes
+    report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`.
+    """
+    from ..adapters.bank import AdapterBank
+    from ..base import Base, load_base
+
+    _check_options(task_rows, instructions, limit, output)
+    columns, tasks = build_columns(list(adapters))
+    data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,
+                    "instruction_column": instruction_column, "split": split}
+    loaded = base if isinstance(base, Base) else load_base(base, device=device)
+    resolution = resolution or loaded.resolution
+    rows, left_out = load_rows(data, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
+    tasks = [t for t in tasks if t in rows]
+    scorers = load_scorers(clip_model, device or "cpu")
+    keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights
+    bank = AdapterBank(loaded, force=force)
+    for column in columns[1:]:
+        bank.add(Adapter(**{**column.adapter.__dict__, "task": column.name}))
+    settings = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "resolution": resolution}
+    folders = _task_folders(tasks)
+    cache = OutputCache(os.path.join(output, "cache"))
+    try:
+        with atomic_folder(os.path.join(output, "images")) as images_dir:
+            _generate_all(bank, columns, rows, cache, keys, settings, images_dir, folders, quiet)
+    finally:
+        bank.close()  # the caller's Base is left as it came (no live LoRA slot): it can be evaluated again
+    sections = {}
+    for task in tasks:
+        task_columns = [c for c in columns if task in c.tasks]
+        adapter_column = next((c.name for c in task_columns if c.kind == "adapter"), None)
+        records = score_task(output, folders[task], task_columns, rows[task], scorers, adapter_column, quiet)
+        sections[task] = task_section(task, folders[task], task_columns, records)
+    report = build_report(loaded, data, {**data_options, "limit": limit, "task_rows": task_rows,
+                                         "instructions": instructions}, settings, seed, columns, sections,
+                          {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
+    return _write_outputs(output, report, cache)
+
+
+def _check_options(task_rows: str, instructions: str, limit: int | None, output: str) -> None:
+    if task_rows not in TASK_ROWS:
+        raise AdapterkitError(f"task_rows must be one of {', '.join(TASK_ROWS)}, got '{task_rows}'")
+    if instructions not in INSTRUCTION_SOURCES:
+        raise AdapterkitError(f"instructions must be one of {', '.join(INSTRUCTION_SOURCES)}, got '{instructions}'")
+    if limit is not None and limit < 1:
+        raise AdapterkitError(f"--limit must be at least 1, got {limit}")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise AdapterkitError(f"output {output} exists and is not a folder; choose a folder path")
+
+
+def _task_folders(tasks: list[str]) -> dict[str, str]:
+    used: set[str] = set()
+    return {task: _unique(safe_name(task), used) for task in tasks}
+
+
+def _write_outputs(output: str, report: dict, cache: OutputCache) -> EvalResult:
+    json_path, html_path = os.path.join(output, "report.json"), os.path.join(output, "report.html")
+    with atomic_file(json_path, "w") as f:  # insertion order kept: tasks and columns in the order evaluated
+        json.dump(report, f, indent=2, allow_nan=False)
+        f.write("\n")
+    R.write_html(html_path, report)
+    grids = {}
+    for task, section in report["tasks"].items():
+        grids[task] = os.path.join(output, "grids", f"{section['folder']}.png")
+        R.write_grid(grids[task], *R.grid_rows(output, section))
+    return EvalResult(output=output, report=report, table=R.format_table(report), generated=cache.misses,
+                      cached=cache.hits, files={"json": json_path, "html": html_path, "grids": grids})
