@@ -1,15 +1,9 @@
 """AdapterBank: many task adapters in memory on one loaded pipeline, one active at a time, swapped in place.
 
-- Custom Diffusion: the base K/V are kept once; activating copies the task's K/V into the live weights with
-  `copy_()` (same Parameter objects, so a compiled UNet is not recompiled); deactivating copies the base back.
-- LoRA: one live peft adapter slot named LIVE_LORA, sized for the widest rank and the union of target modules of
-  every LoRA in the bank, loaded through diffusers after `enable_lora_hotswap` (which turns each layer's scaling
-  into a tensor). Activating writes the task's A/B into the slot, zero-padded to the slot's rank, and its alpha/r
-  into the scaling tensors, in place: what peft's hotswap does, but with the slot's tensors resolved once
-  (diffusers' `load_lora_weights(hotswap=True)` walks the whole UNet several times per call: ~60 ms on the tiny
-  base, see bench/swap.py). Deactivating writes scaling 0 in place: base output exactly, no recompile. We never call `set_adapters` or pass
-  a LoRA `scale`: after a hotswap each layer keeps the first adapter's r/alpha, so those would compute the wrong
-  strength and recompile (REFERENCE.md, hot-swap facts).
+- Swapping is the method's own: each method module has a `Swap` strategy (adapters/registry.py) that the bank
+  drives with add / prepare / activate / deactivate / close. Custom Diffusion copies K/V into the live weights
+  (custom_diffusion.Swap); LoRA writes into one live peft slot (lora.Swap). Both keep the same Parameter objects,
+  so a compiled UNet is not recompiled, and deactivating gives the base's output exactly.
 - Routing: an instruction goes to the task whose stored instructions are closest in the text encoder's pooled
   feature space (cosine), or to the base when the best cosine is below `route_threshold` (default 0.9). An
   instruction equal to a stored one (case and surrounding space ignored) always routes to its task.
@@ -24,12 +18,12 @@ import threading
 
 import torch
 
-from ..base import Base, compute_fingerprint, cross_attention_kv_layers, unwrap_compiled
+from ..base import Base, compute_fingerprint, cross_attention_kv_layers
 from ..errors import AdapterkitError
-from . import Adapter, custom_diffusion, lora
+from ..inference import encode_text
+from .record import Adapter
+from .registry import get_method, method_names
 
-# Distinctive: diffusers matches adapter names by substring in its warnings, so short names like "b" misfire.
-LIVE_LORA = "adapterkit_live"
 ROUTE_THRESHOLD = 0.9
 AUTO = "auto"
 
@@ -41,9 +35,7 @@ def _normalise(text: str) -> str:
 @torch.no_grad()
 def encode_instructions(pipe, texts: list[str]) -> torch.Tensor:
     """(n, d) unit vectors: the text encoder's pooled output (final-layer EOS token) of each instruction."""
-    tokens = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    device = pipe.text_encoder.device
-    pooled = pipe.text_encoder(tokens.input_ids.to(device)).pooler_output.float()
+    pooled = encode_text(pipe.tokenizer, pipe.text_encoder, texts).pooled
     return torch.nn.functional.normalize(pooled, dim=-1).cpu()
 
 
@@ -64,14 +56,11 @@ class AdapterBank:
                 "call deactivate() on the other bank or reload the base"
             )
         self._kv_layers = cross_attention_kv_layers(self.pipe.unet)
-        self._base_kv = {name: layer.weight.detach().clone() for name, layer in self._kv_layers.items()}
+        # One swap strategy per method, made now: Custom Diffusion's keeps the base K/V as they are at this point.
+        self._swaps = {name: get_method(name).Swap(self.pipe) for name in method_names()}
         self._adapters: dict[str, Adapter] = {}
         self._features: dict[str, torch.Tensor] = {}
         self._active: str | None = None
-        self._kv_dirty: set[str] = set()  # K/V layers currently holding a Custom Diffusion task's weights
-        self._lora_slot: tuple[int, frozenset[str]] | None = None  # (rank, modules) of the live LoRA slot
-        self._lora_on = False
-        self._slot_tensors: dict = {}
 
     # ----------------------------------------------------------------------------------------------- contents
     @property
@@ -101,16 +90,21 @@ class AdapterBank:
             self._adapters[adapter.task] = stored
             if adapter.instructions:
                 self._features[adapter.task] = encode_instructions(self.pipe, adapter.instructions)
-            if stored.method == lora.METHOD and self._lora_slot is not None and not self._slot_fits(stored):
-                self._rebuild_lora_slot()
+            self._swap(stored.method).add(stored)
             return adapter.task
 
     # ------------------------------------------------------------------------------------------------ swapping
+    def _swap(self, method: str):
+        if method not in self._swaps:  # a method registered after this bank was made
+            self._swaps[method] = get_method(method).Swap(self.pipe)
+        return self._swaps[method]
+
     def prepare(self) -> None:
-        """Create the live LoRA slot for every LoRA added so far. Call it before torch.compile."""
+        """Let every method set up what swapping needs (LoRA: the live slot) for the adapters added so far.
+        Call it before torch.compile."""
         with self._lock:
-            if self._lora_slot is None and any(a.method == lora.METHOD for a in self._adapters.values()):
-                self._create_lora_slot()
+            for swap in self._swaps.values():
+                swap.prepare()
 
     def activate(self, task: str | None) -> None:
         """Make `task` the active adapter (None: the base alone). Cheap when it is already active."""
@@ -118,93 +112,26 @@ class AdapterBank:
             if task == self._active:
                 return
             adapter = self.get(task) if task is not None else None
-            self._restore_base_kv()
-            if adapter is not None and adapter.method == custom_diffusion.METHOD:
-                custom_diffusion.swap_in(self.pipe.unet, adapter.tensors, self._kv_layers)
-                self._kv_dirty = set(adapter.tensors)
-            if adapter is not None and adapter.method == lora.METHOD:
-                self.prepare()
-                lora.swap_into_slot(self._slot_tensors, adapter.tensors, adapter.lora, LIVE_LORA)
-                self._lora_on = True
-            elif self._lora_on:
-                self._set_lora_scaling(0.0)
-                self._lora_on = False
+            previous = self._adapters[self._active].method if self._active is not None else None
+            if previous is not None and (adapter is None or adapter.method != previous):
+                self._swaps[previous].deactivate()
+            if adapter is not None:
+                self._swap(adapter.method).activate(adapter)  # replaces an active adapter of the same method
             self._active = task
 
     def deactivate(self) -> None:
-        """Back to the base: base K/V copied back, LoRA slot scaled to zero. Output equals the base's exactly."""
+        """Back to the base. Output equals the base's exactly."""
         self.activate(None)
 
     def close(self) -> None:
-        """Give the pipeline back as it came: base K/V restored and the live LoRA slot removed, so that another bank
+        """Give the pipeline back as it came (base K/V restored, the live LoRA slot removed), so that another bank
         (or a later `evaluate`) can use the same Base. The bank holds no adapter afterwards."""
         with self._lock:
             self.deactivate()
-            if self._lora_slot is not None:
-                self.pipe.delete_adapters(LIVE_LORA)
-                self._lora_slot, self._slot_tensors = None, {}
+            for swap in self._swaps.values():
+                swap.close()
             self._adapters.clear()
             self._features.clear()
-
-    def _restore_base_kv(self) -> None:
-        if self._kv_dirty:
-            custom_diffusion.swap_in(self.pipe.unet, {name: self._base_kv[name] for name in self._kv_dirty}, self._kv_layers)
-            self._kv_dirty = set()
-
-    def _lora_adapters(self) -> list[Adapter]:
-        return [a for a in self._adapters.values() if a.method == lora.METHOD]
-
-    def _slot_fits(self, adapter: Adapter) -> bool:
-        rank, modules = self._lora_slot
-        return adapter.rank <= rank and set(adapter.targets) <= modules
-
-    def _create_lora_slot(self) -> None:
-        """Load an all-zero LoRA of the widest rank over the union of targets, prepared for compiled hotswap."""
-        adapters = self._lora_adapters()
-        rank = max(a.rank for a in adapters)
-        modules = sorted(set().union(*(a.targets for a in adapters)))
-        named = dict(unwrap_compiled(self.pipe.unet).named_modules())
-        zeros = {}
-        weight_like = next(iter(self._kv_layers.values())).weight
-        for m in modules:
-            layer = named[m].get_base_layer() if hasattr(named[m], "get_base_layer") else named[m]
-            d_out, d_in = layer.weight.shape
-            zeros[f"{m}.lora_A.weight"] = torch.zeros(rank, d_in, dtype=weight_like.dtype)
-            zeros[f"{m}.lora_B.weight"] = torch.zeros(d_out, rank, dtype=weight_like.dtype)
-        if LIVE_LORA in (getattr(unwrap_compiled(self.pipe.unet), "peft_config", None) or {}):
-            raise AdapterkitError(
-                "this pipeline already carries the live LoRA slot of another AdapterBank; use that bank, or load the "
-                "base afresh (load_base) for a new one"
-            )
-        # check_compiled="ignore": the UNet may carry other (deleted) peft configs; compilation comes after this.
-        self.pipe.unet.enable_lora_hotswap(target_rank=rank, check_compiled="ignore")
-        lora.load_into_pipeline(self.pipe, zeros, {"r": rank, "lora_alpha": float(rank), "target_modules": modules}, LIVE_LORA)
-        self._lora_slot = (rank, frozenset(modules))
-        self._slot_tensors = lora.live_slot(self.pipe.unet, LIVE_LORA)
-        self._set_lora_scaling(0.0)  # the zero adapter is live; scaling 0 keeps it inert
-        self._lora_on = False
-
-    def _rebuild_lora_slot(self) -> None:
-        unet = self.pipe.unet
-        if hasattr(unet, "_orig_mod") or getattr(unet, "_compiled_call_impl", None) is not None:
-            raise AdapterkitError(
-                "this LoRA needs a wider live slot (higher rank or more target modules) but the UNet is already "
-                "compiled; add every adapter to the bank (or call bank.prepare()) before torch.compile"
-            )
-        active = self._active
-        self.activate(None)
-        self.pipe.delete_adapters(LIVE_LORA)
-        self._lora_slot = None
-        self._create_lora_slot()
-        self.activate(active)
-
-    def _set_lora_scaling(self, value: float) -> None:
-        """Write every live-slot layer's scaling in place (a tensor after enable_lora_hotswap: no recompile)."""
-        for _a, _b, scaling in self._slot_tensors.values():
-            if isinstance(scaling[LIVE_LORA], torch.Tensor):
-                scaling[LIVE_LORA].fill_(value)
-            else:
-                scaling[LIVE_LORA] = value
 
     # ------------------------------------------------------------------------------------------------- routing
     def route(self, instruction: str) -> tuple[str | None, float]:

@@ -6,6 +6,9 @@ IP2P through conv_in, these still see only the instruction, which is what makes 
 Tensors of an adapter: `{"<block path>.attn2.to_k": W (d_out, d_text), "<block path>.attn2.to_v": W, ...}`, full
 weights, not deltas. On disk: diffusers' own file name and keys,
 `<block path>.attn2.processor.to_k_custom_diffusion.weight` (see `read` / `write`).
+
+This module is the reference implementation of the method protocol (adapters/registry.py PROTOCOL): every
+method module has these verbs with these signatures. Custom Diffusion has no options (`options` is None).
 """
 
 from __future__ import annotations
@@ -22,10 +25,20 @@ from .safe_load import load_safetensors, load_torch_bin
 METHOD = "custom-diffusion"
 FILE_NAME = "pytorch_custom_diffusion_weights.safetensors"
 LEGACY_FILE_NAME = "pytorch_custom_diffusion_weights.bin"
+METADATA_KEYS = ()  # nothing beyond the common adapter.json fields
 _FILE_SUFFIX = {"to_k": ".processor.to_k_custom_diffusion.weight", "to_v": ".processor.to_v_custom_diffusion.weight"}
 
 
-def make_trainable(unet) -> list[torch.nn.Parameter]:
+def training_options(settings: dict) -> None:
+    """The method's options from a resolved TrainConfig dict: none for Custom Diffusion."""
+    return None
+
+
+def check_options(options, task: str) -> None:
+    """Custom Diffusion takes no options; nothing to check."""
+
+
+def make_trainable(unet, options=None) -> list[torch.nn.Parameter]:
     """Freeze the UNet, then unfreeze every attn2 K/V weight; return those parameters (SD1.5: 32 tensors, 19.2M)."""
     unet.requires_grad_(False)
     params = []
@@ -35,9 +48,29 @@ def make_trainable(unet) -> list[torch.nn.Parameter]:
     return params
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """Is this UNet parameter one that Custom Diffusion trains (an attn2 K/V weight)?"""
+    return name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+
+
 def extract(unet) -> dict[str, torch.Tensor]:
     """The current attn2 K/V weights as adapter tensors (fp32, CPU, detached copies)."""
     return {name: layer.weight.detach().to("cpu", torch.float32).clone() for name, layer in cross_attention_kv_layers(unet).items()}
+
+
+def load_trainable(unet, tensors: dict[str, torch.Tensor]) -> None:
+    """Resume: the saved K/V back into the (trainable) live weights."""
+    swap_in(unet, tensors)
+
+
+def targets(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Module paths the adapter changes: every attn2 K/V it holds."""
+    return sorted(tensors)
+
+
+def rank(tensors, options=None) -> None:
+    """Full weights have no adapter rank."""
+    return None
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], unet) -> None:
@@ -63,9 +96,15 @@ def check_shapes(tensors: dict[str, torch.Tensor], unet) -> None:
             )
 
 
-def delta_weights(tensors: dict[str, torch.Tensor], base_weights: dict[str, torch.Tensor], config=None) -> dict[str, torch.Tensor]:
-    """dW = W_task - W0 per layer, in float32 (config is unused: present so both methods share one signature)."""
-    return {name: tensors[name].float() - base_weights[name].float() for name in tensors}
+def delta_weights(tensors: dict[str, torch.Tensor], base_weights: dict[str, torch.Tensor], options=None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """dW = W_task - W0 per layer, in `dtype` (merge asks for float64). Needs the base's K/V weights to subtract."""
+    return {name: tensors[name].to(dtype) - base_weights[name].to(dtype) for name in tensors}
+
+
+def from_deltas(deltas: dict[str, torch.Tensor], base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors W0 + dW for every base K/V layer (W0 where `deltas` has none), float32: what a merge writes."""
+    return {name: (w0 + deltas[name]).to(torch.float32) if name in deltas else w0.to(torch.float32) for name, w0 in base_weights.items()}
 
 
 def swap_in(unet, tensors: dict[str, torch.Tensor], layers: dict[str, torch.nn.Linear] | None = None) -> None:
@@ -79,12 +118,12 @@ def swap_in(unet, tensors: dict[str, torch.Tensor], layers: dict[str, torch.nn.L
             layers[name].weight.copy_(weight)
 
 
-def fuse_into_base(unet, tensors: dict[str, torch.Tensor], config=None) -> None:
+def fuse_into_base(unet, tensors: dict[str, torch.Tensor], options=None) -> None:
     """Bake the adapter into the base for good (a Custom Diffusion adapter is full weights: fusing is swapping)."""
     swap_in(unet, tensors)
 
 
-def write(folder: str, tensors: dict[str, torch.Tensor]) -> None:
+def write(folder: str, tensors: dict[str, torch.Tensor], options=None) -> None:
     """Write diffusers' Custom Diffusion file (full K/V weights under processor keys)."""
     file_sd = {}
     for name, weight in tensors.items():
@@ -93,7 +132,7 @@ def write(folder: str, tensors: dict[str, torch.Tensor]) -> None:
     save_file(file_sd, os.path.join(folder, FILE_NAME), metadata={"format": "pt"})
 
 
-def read(folder: str) -> dict[str, torch.Tensor]:
+def read(folder: str) -> tuple[dict[str, torch.Tensor], None]:
     """Read a Custom Diffusion folder (safetensors, or diffusers' legacy .bin without unpickling code)."""
     path = os.path.join(folder, FILE_NAME)
     if os.path.isfile(path):
@@ -114,4 +153,56 @@ def read(folder: str) -> dict[str, torch.Tensor]:
             )
     if not tensors:
         raise AdapterkitError(f"{path} holds no Custom Diffusion weights")
-    return tensors
+    return tensors, None
+
+
+def metadata(tensors, options=None) -> dict:
+    """Extra adapter.json entries: none."""
+    return {}
+
+
+def card(tensors: dict[str, torch.Tensor], options=None) -> tuple[str, str]:
+    """(what the adapter is, how to load it in plain diffusers) for the model card."""
+    load = (
+        "from safetensors.torch import load_file\n"
+        "sd = load_file(\"path/to/this/folder/pytorch_custom_diffusion_weights.safetensors\")\n"
+        "modules = dict(pipe.unet.named_modules())\n"
+        "for key, weight in sd.items():  # '<block>.attn2.processor.to_k_custom_diffusion.weight'\n"
+        "    attn, name = key.split(\".processor.\")\n"
+        "    proj = name.split(\"_custom_diffusion\")[0]  # to_k / to_v\n"
+        "    modules[f\"{attn}.{proj}\"].weight.data.copy_(weight)\n"
+        "# (unet.load_attn_procs ignores these weights in diffusers <= 0.42: diffusers#9320)\n"
+    )
+    return f"Custom Diffusion: new cross-attention K/V weights for {len(tensors)} layers", load
+
+
+class Swap:
+    """How AdapterBank swaps Custom Diffusion adapters: copy_() K/V into the live weights, copy the base back.
+
+    The base K/V are kept once (taken when the bank is made, before anything changes them); same Parameter
+    objects throughout, so a compiled UNet is not recompiled.
+    """
+
+    def __init__(self, pipe):
+        self._layers = cross_attention_kv_layers(pipe.unet)
+        self._base = {name: layer.weight.detach().clone() for name, layer in self._layers.items()}
+        self._dirty: set[str] = set()  # layers currently holding an adapter's weights
+
+    def add(self, adapter) -> None:
+        """Nothing to set up per adapter."""
+
+    def prepare(self) -> None:
+        """Nothing to create before torch.compile."""
+
+    def activate(self, adapter) -> None:
+        self.deactivate()
+        swap_in(None, adapter.tensors, self._layers)
+        self._dirty = set(adapter.tensors)
+
+    def deactivate(self) -> None:
+        if self._dirty:
+            swap_in(None, {name: self._base[name] for name in self._dirty}, self._layers)
+            self._dirty = set()
+
+    def close(self) -> None:
+        self.deactivate()

@@ -9,17 +9,17 @@ the safetensors metadata, so `pipe.load_lora_weights(folder)` in plain diffusers
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..base import unwrap_compiled
+from ..base import cross_attention_kv_layers, unwrap_compiled, unwrap_peft
 from ..errors import AdapterkitError
-from .safe_load import check_tensors
+from .lora_io import FILE_NAME, LEGACY_FILE_NAME, load_into_pipeline, modules, read, to_diffusers_state_dict, write  # noqa: F401
 
 METHOD = "lora"
-FILE_NAME = "pytorch_lora_weights.safetensors"
-LEGACY_FILE_NAME = "pytorch_lora_weights.bin"
+METADATA_KEYS = ("lora", "rank", "targets")  # adapter.json: the LoraConfig kwargs, the rank, the target modules
+TRAIN_ADAPTER = "adapterkit_train"  # peft adapter name of the LoRA being trained
+# Distinctive: diffusers matches adapter names by substring in its warnings, so short names like "b" misfire.
+LIVE_LORA = "adapterkit_live"
 # --targets presets: suffixes of module paths, as peft matches them.
 TARGET_PRESETS = {
     "kv": ["attn2.to_k", "attn2.to_v"],  # cross-attention K/V: mergeable by least squares
@@ -39,13 +39,23 @@ def resolve_targets(targets: str | list[str]) -> list[str]:
     return names
 
 
+def training_options(settings: dict) -> dict:
+    """LoraConfig kwargs from a resolved TrainConfig dict (its rank, lora_alpha and targets)."""
+    return make_config(settings["rank"], settings["lora_alpha"], settings["targets"])
+
+
+def check_options(options: dict | None, task: str) -> None:
+    if not options:
+        raise AdapterkitError(f"LoRA adapter '{task}' has no LoRA config (r, lora_alpha)")
+
+
 def make_config(rank: int, alpha: float | None = None, targets: str | list[str] = "kv") -> dict:
     if rank < 1:
         raise AdapterkitError(f"LoRA rank must be at least 1, got {rank}")
     return {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else rank), "target_modules": resolve_targets(targets)}
 
 
-def make_trainable(unet, config: dict, adapter_name: str = "adapterkit_train") -> list[torch.nn.Parameter]:
+def make_trainable(unet, config: dict, adapter_name: str = TRAIN_ADAPTER) -> list[torch.nn.Parameter]:
     """Freeze the UNet and attach a fresh peft LoRA (gaussian A, zero B: the model starts equal to the base)."""
     from peft import LoraConfig
 
@@ -71,7 +81,12 @@ def _refuse_non_linear_targets(unet, targets: list[str]) -> None:
             )
 
 
-def extract(unet, adapter_name: str = "adapterkit_train") -> dict[str, torch.Tensor]:
+def is_adapter_parameter(name: str) -> bool:
+    """Is this UNet parameter a LoRA factor (peft names them `<module>.lora_A.<adapter>.weight`)?"""
+    return ".lora_" in name
+
+
+def extract(unet, adapter_name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
     """The attached LoRA's tensors (peft keys without the adapter name), fp32 on CPU."""
     from peft.utils import get_peft_model_state_dict
 
@@ -79,8 +94,24 @@ def extract(unet, adapter_name: str = "adapterkit_train") -> dict[str, torch.Ten
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
 
 
-def modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+def load_trainable(unet, tensors: dict[str, torch.Tensor], adapter_name: str = TRAIN_ADAPTER) -> None:
+    """Resume: copy saved A/B into the attached (trainable) LoRA's parameters, in place."""
+    named = dict(unet.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            module, part = key.rsplit(".lora_", 1)  # "<module>", "A.weight"
+            named[f"{module}.lora_{part[0]}.{adapter_name}.weight"].copy_(value)
+
+
+def targets(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Module paths the adapter changes."""
+    return modules(tensors)
+
+
+def rank(tensors: dict[str, torch.Tensor], options: dict) -> int:
+    """The widest rank of any module (rank_pattern may give modules different ranks)."""
+    ranks = [v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")]
+    return max(ranks) if ranks else int(options["r"])
 
 
 def scale(config: dict, module: str) -> float:
@@ -97,10 +128,11 @@ def scale(config: dict, module: str) -> float:
     return float(alpha) / float(r)
 
 
-def delta_weights(tensors: dict[str, torch.Tensor], base_weights=None, config: dict | None = None) -> dict[str, torch.Tensor]:
-    """dW = scale * B @ A per module: (d_out, r) @ (r, d_in) -> (d_out, d_in), float32."""
+def delta_weights(tensors: dict[str, torch.Tensor], base_weights=None, config: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """dW = scale * B @ A per module: (d_out, r) @ (r, d_in) -> (d_out, d_in), the product formed in `dtype`."""
     return {
-        m: scale(config, m) * (tensors[f"{m}.lora_B.weight"].float() @ tensors[f"{m}.lora_A.weight"].float())
+        m: scale(config, m) * (tensors[f"{m}.lora_B.weight"].to(dtype) @ tensors[f"{m}.lora_A.weight"].to(dtype))
         for m in modules(tensors)
     }
 
@@ -115,8 +147,7 @@ def check_shapes(tensors: dict[str, torch.Tensor], unet) -> None:
         layer = named.get(m)
         if layer is None:
             raise AdapterkitError(f"adapter layer {m} does not exist in this base; the adapter was made for another UNet")
-        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-        weight = layer.weight
+        weight = unwrap_peft(layer).weight
         expected = (weight.shape[1], weight.shape[0])
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or (a.shape[1], b.shape[0]) != expected:
             raise AdapterkitError(
@@ -125,90 +156,12 @@ def check_shapes(tensors: dict[str, torch.Tensor], unet) -> None:
             )
 
 
-def to_diffusers_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft keys -> diffusers file keys: `unet.<module>.lora.down.weight` (A) / `lora.up.weight` (B)."""
-    out = {}
-    for key, value in tensors.items():
-        key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
-        out["unet." + key] = value.detach().to("cpu", torch.float32).contiguous()
-    return out
 
 
-def write(folder: str, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
-    # Explicit module names in the metadata: diffusers rebuilds the exact LoraConfig from it on load.
-    metadata = {**config, "target_modules": modules(tensors)}
-    StableDiffusionInstructPix2PixPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers={k.removeprefix("unet."): v for k, v in to_diffusers_state_dict(tensors).items()},
-        unet_lora_adapter_metadata=metadata,
-        weight_name=FILE_NAME,
-    )
 
 
-def read(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a LoRA folder written by adapterkit, diffusers' training scripts, or another diffusers-loadable format.
-
-    diffusers' own loader converts the file (kohya and other layouts too); the config comes from the file's
-    metadata when present, else from the ranks in the file with alpha = r (diffusers' convention).
-    """
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.peft_utils import get_peft_kwargs
-
-    from .safe_load import load_safetensors, load_torch_bin
-
-    path = os.path.join(folder, FILE_NAME)
-    if os.path.isfile(path):
-        raw = load_safetensors(path)  # validates the file before diffusers parses it
-    else:
-        path = os.path.join(folder, LEGACY_FILE_NAME)
-        raw = load_torch_bin(path)
-    try:
-        sd, network_alphas, metadata = StableDiffusionInstructPix2PixPipeline.lora_state_dict(
-            raw if path.endswith(".bin") else folder, weight_name=None if path.endswith(".bin") else FILE_NAME,
-            return_lora_metadata=True,
-        )
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise AdapterkitError(f"{path} is not a LoRA file diffusers can read ({str(e).splitlines()[0][:160]})") from e
-    other = sorted(k for k in sd if not k.startswith("unet."))
-    if other:
-        raise AdapterkitError(
-            f"{path} also holds non-UNet LoRA weights (e.g. '{other[0]}'); adapterkit adapters change the UNet only"
-        )
-    unet_sd = {k.removeprefix("unet."): v for k, v in sd.items()}
-    tensors = {k: v.float() for k, v in convert_unet_state_dict_to_peft(unet_sd).items()}
-    bad = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if bad:
-        raise AdapterkitError(f"{path}: unsupported LoRA key '{bad[0]}' (only plain LoRA A/B weights are supported)")
-    check_tensors(tensors, path)
-    if metadata:
-        config = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")}
-    else:
-        alphas = {k.removeprefix("unet."): v for k, v in (network_alphas or {}).items()}
-        rank_dict = {k: v.shape[1] for k, v in tensors.items() if k.endswith("lora_B.weight")}
-        kwargs = get_peft_kwargs(rank_dict, alphas, tensors, is_unet=True)
-        config = {k: kwargs[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")}
-    config = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern") if k in config}
-    if "r" not in config or "lora_alpha" not in config:
-        raise AdapterkitError(f"{path}: LoRA metadata lacks r or lora_alpha; re-save the adapter")
-    config["target_modules"] = sorted(config.get("target_modules") or modules(tensors))
-    return tensors, config
 
 
-def load_into_pipeline(pipe, tensors: dict[str, torch.Tensor], config: dict, adapter_name: str, hotswap: bool = False) -> None:
-    """Install (or hot-swap) this LoRA into `pipe.unet` through diffusers, exactly as load_lora_weights would."""
-    metadata = {"unet." + k: v for k, v in {**config, "target_modules": modules(tensors)}.items()}
-    pipe.load_lora_into_unet(
-        to_diffusers_state_dict(tensors),
-        network_alphas=None,
-        unet=pipe.unet,
-        adapter_name=adapter_name,
-        metadata=metadata,
-        _pipeline=pipe,
-        hotswap=hotswap,
-    )
 
 
 def live_slot(unet, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict]]:
@@ -252,6 +205,145 @@ def fuse_into_base(unet, tensors: dict[str, torch.Tensor], config: dict) -> None
     named = dict(unwrap_compiled(unet).named_modules())
     with torch.no_grad():
         for m, delta in delta_weights(tensors, config=config).items():
-            layer = named[m]
-            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            layer = unwrap_peft(named[m])
             layer.weight.add_(delta.to(layer.weight.dtype))
+
+
+def metadata(tensors: dict[str, torch.Tensor], options: dict) -> dict:
+    """adapter.json entries: the LoraConfig kwargs, the widest rank, the target modules."""
+    return {"lora": options, "rank": rank(tensors, options), "targets": options["target_modules"]}
+
+
+def card(tensors: dict[str, torch.Tensor], options: dict) -> tuple[str, str]:
+    """(what the adapter is, how to load it in plain diffusers) for the model card."""
+    what = f"LoRA (rank {rank(tensors, options)}, alpha {options['lora_alpha']}) on {len(modules(tensors))} UNet projections"
+    return what, "pipe.load_lora_weights(\"path/to/this/folder\")\n"
+
+
+def from_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """peft-keyed tensors and a config with scale 1 everywhere (lora_alpha = r; rank_pattern where ranks differ)
+    from {module: (B (d_out, r), A (r, d_in))}: how a merge exports a LoRA.
+
+    Rows of A are scaled to unit norm and B takes the scale: the same product, with balanced float32 factors.
+    """
+    tensors, ranks = {}, {}
+    for name, (b, a) in sorted(factors.items()):
+        if a.shape[0] == 0:
+            continue
+        norms = a.norm(dim=1).clamp_min(1e-30)  # (r,)
+        tensors[f"{name}.lora_A.weight"] = (a / norms[:, None]).to(torch.float32).contiguous()
+        tensors[f"{name}.lora_B.weight"] = (b * norms[None, :]).to(torch.float32).contiguous()
+        ranks[name] = int(a.shape[0])
+    if not ranks:
+        return {}, {}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r_main = max(counts, key=lambda r: (counts[r], r))
+    config = {"r": r_main, "lora_alpha": float(r_main), "target_modules": sorted(ranks)}
+    pattern = {name: r for name, r in ranks.items() if r != r_main}
+    if pattern:
+        config["rank_pattern"] = pattern
+        config["alpha_pattern"] = {name: float(r) for name, r in pattern.items()}
+    return tensors, config
+
+
+class Swap:
+    """How AdapterBank swaps LoRA adapters: one live peft slot, written in place.
+
+    The slot (adapter name LIVE_LORA) is sized for the widest rank and the union of target modules of every LoRA
+    added, loaded through diffusers after `enable_lora_hotswap` (which turns each layer's scaling into a tensor).
+    Activating writes the task's A/B into the slot, zero-padded to the slot's rank, and its alpha/r into the
+    scaling tensors, in place: what peft's hotswap does, but with the slot's tensors resolved once (diffusers'
+    `load_lora_weights(hotswap=True)` walks the whole UNet several times per call: ~60 ms on the tiny base, see
+    bench/swap.py). Deactivating writes scaling 0 in place: base output exactly, no recompile. We never call
+    `set_adapters` or pass a LoRA `scale`: after a hotswap each layer keeps the first adapter's r/alpha, so those
+    would compute the wrong strength and recompile (REFERENCE.md, hot-swap facts).
+    """
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._adapters: list = []
+        self._slot: tuple[int, frozenset[str]] | None = None  # (rank, modules) of the live slot
+        self._tensors: dict = {}  # live_slot(): module -> (A, B, scaling)
+        self._active = None
+
+    def add(self, adapter) -> None:
+        """Remember the adapter; a slot too narrow for it is rebuilt (only possible before torch.compile)."""
+        self._adapters.append(adapter)
+        if self._slot is not None and not self._fits(adapter):
+            self._rebuild()
+
+    def prepare(self) -> None:
+        """Create the live slot for every LoRA added so far. Call it before torch.compile."""
+        if self._slot is None and self._adapters:
+            self._create()
+
+    def activate(self, adapter) -> None:
+        self.prepare()
+        swap_into_slot(self._tensors, adapter.tensors, adapter.options, LIVE_LORA)
+        self._active = adapter
+
+    def deactivate(self) -> None:
+        if self._active is not None:
+            self._set_scaling(0.0)
+            self._active = None
+
+    def close(self) -> None:
+        """Remove the live slot, so another bank (or a later `evaluate`) can use the same pipeline."""
+        self.deactivate()
+        if self._slot is not None:
+            self.pipe.delete_adapters(LIVE_LORA)
+            self._slot, self._tensors = None, {}
+        self._adapters.clear()
+
+    def _fits(self, adapter) -> bool:
+        slot_rank, slot_modules = self._slot
+        return rank(adapter.tensors, adapter.options) <= slot_rank and set(modules(adapter.tensors)) <= slot_modules
+
+    def _create(self) -> None:
+        """Load an all-zero LoRA of the widest rank over the union of targets, prepared for compiled hotswap."""
+        slot_rank = max(rank(a.tensors, a.options) for a in self._adapters)
+        slot_modules = sorted(set().union(*(modules(a.tensors) for a in self._adapters)))
+        named = dict(unwrap_compiled(self.pipe.unet).named_modules())
+        dtype = next(iter(cross_attention_kv_layers(self.pipe.unet).values())).weight.dtype  # the UNet's dtype
+        zeros = {}
+        for m in slot_modules:
+            d_out, d_in = unwrap_peft(named[m]).weight.shape
+            zeros[f"{m}.lora_A.weight"] = torch.zeros(slot_rank, d_in, dtype=dtype)
+            zeros[f"{m}.lora_B.weight"] = torch.zeros(d_out, slot_rank, dtype=dtype)
+        if LIVE_LORA in (getattr(unwrap_compiled(self.pipe.unet), "peft_config", None) or {}):
+            raise AdapterkitError(
+                "this pipeline already carries the live LoRA slot of another AdapterBank; use that bank, or load the "
+                "base afresh (load_base) for a new one"
+            )
+        # check_compiled="ignore": the UNet may carry other (deleted) peft configs; compilation comes after this.
+        self.pipe.unet.enable_lora_hotswap(target_rank=slot_rank, check_compiled="ignore")
+        load_into_pipeline(self.pipe, zeros, {"r": slot_rank, "lora_alpha": float(slot_rank), "target_modules": slot_modules}, LIVE_LORA)
+        self._slot = (slot_rank, frozenset(slot_modules))
+        self._tensors = live_slot(self.pipe.unet, LIVE_LORA)
+        self._set_scaling(0.0)  # the zero adapter is live; scaling 0 keeps it inert
+        self._active = None
+
+    def _rebuild(self) -> None:
+        unet = self.pipe.unet
+        if hasattr(unet, "_orig_mod") or getattr(unet, "_compiled_call_impl", None) is not None:
+            raise AdapterkitError(
+                "this LoRA needs a wider live slot (higher rank or more target modules) but the UNet is already "
+                "compiled; add every adapter to the bank (or call bank.prepare()) before torch.compile"
+            )
+        active = self._active
+        self.deactivate()
+        self.pipe.delete_adapters(LIVE_LORA)
+        self._slot = None
+        self._create()
+        if active is not None:
+            self.activate(active)
+
+    def _set_scaling(self, value: float) -> None:
+        """Write every live-slot layer's scaling in place (a tensor after enable_lora_hotswap: no recompile)."""
+        for _a, _b, scaling in self._tensors.values():
+            if isinstance(scaling[LIVE_LORA], torch.Tensor):
+                scaling[LIVE_LORA].fill_(value)
+            else:
+                scaling[LIVE_LORA] = value

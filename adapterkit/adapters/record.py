@@ -15,10 +15,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import AdapterkitError
 from ..fileio import atomic_folder
 from .registry import get_method, method_names
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: `import adapterkit.adapters` stays light
+    import torch
 
 FORMAT_VERSION = 1
 METADATA_FILE = "adapter.json"
