@@ -12,8 +12,8 @@ dataset has. `task=` keeps only one task's rows of a multi-task dataset (see `ta
 Unreadable rows (a missing, truncated or non-image file) are skipped and counted in `EditDataset.skipped`:
 iteration yields only readable rows; `dataset[i]` on an unreadable row returns the next readable row instead.
 
-The rest of the module turns examples into tensors for training: the paired crop/flip of IP2P, the VAE and text
-encoders, and the latent cache of `--cache-latents`.
+This is the data floor: train, eval, edit and serve read datasets through it, never through each other. Turning
+examples into training tensors is train/batches.py's job.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
 from PIL import Image
 
-from ..errors import AdapterkitError
-from ..inference import read_rgb, to_rgb
+from .errors import AdapterkitError, first_line
+from .inference import read_rgb, to_rgb
 
 # preset -> (input column, target column, instruction column)
 PRESETS = {
@@ -311,8 +309,8 @@ def _load_from_hub(name: str, split: str):
         return datasets.load_dataset(name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise AdapterkitError(f"dataset {name} has no split '{split}' ({str(e).splitlines()[0]}); pass --split") from e
-        raise AdapterkitError(f"cannot load dataset {name}: {str(e).splitlines()[0]}") from e
+            raise AdapterkitError(f"dataset {name} has no split '{split}' ({first_line(e)}); pass --split") from e
+        raise AdapterkitError(f"cannot load dataset {name}: {first_line(e)}") from e
     except (OSError, ConnectionError, FileNotFoundError) as e:
         raise AdapterkitError(
             f"dataset '{name}' is not available offline (not a local folder, not in the datasets cache); download it "
@@ -333,7 +331,7 @@ def _decode(value) -> Image.Image:
     try:
         return read_rgb(value)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _Unreadable(f"{value if isinstance(value, str) else 'image bytes'}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise _Unreadable(f"{value if isinstance(value, str) else 'image bytes'}: {first_line(e)}") from e
 
 
 def read_instructions_file(path: str) -> list[str]:
@@ -346,126 +344,3 @@ def read_instructions_file(path: str) -> list[str]:
     if not found:
         raise AdapterkitError(f"instructions file {path} holds no instruction (one per line)")
     return found
-
-
-# ------------------------------------------------------------------------------------------------ transforms
-def paired_transform(
-    example: EditExample, resolution: int, generator: torch.Generator, center_crop: bool = False, random_flip: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """IP2P augmentation: shorter side -> resolution, one crop and one flip shared by input and target.
-
-    Returns two (3, R, R) tensors in [-1, 1]. The target is first resized to the input's size if they differ.
-    Draws exactly three numbers from `generator` (crop x, crop y, flip) whatever the options, so the random
-    stream does not depend on them.
-    """
-    source, target = example.input, example.target
-    if target.size != source.size:
-        target = target.resize(source.size, Image.BICUBIC)
-    w, h = source.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    source, target = source.resize(size, Image.BICUBIC), target.resize(size, Image.BICUBIC)
-    draws = torch.rand(3, generator=generator)
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = int(draws[0] * (size[0] - resolution + 1)), int(draws[1] * (size[1] - resolution + 1))
-    box = (left, top, left + resolution, top + resolution)
-    pair = torch.stack([to_tensor(source.crop(box)), to_tensor(target.crop(box))])  # (2, 3, R, R)
-    if random_flip and draws[2] < 0.5:
-        pair = pair.flip(-1)
-    return pair[0], pair[1]
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL -> (3, H, W) float32 in [-1, 1], the VAE's input range."""
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def sample_instruction(example_instruction: str, synonyms: list[str], generator: torch.Generator) -> str:
-    """The example's own instruction, or one of `synonyms` drawn uniformly (one draw per example per step)."""
-    if not synonyms:
-        return example_instruction
-    return synonyms[int(torch.randint(len(synonyms), (1,), generator=generator))]
-
-
-# ------------------------------------------------------------------------------------------------ encoders
-@torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, 3, R, R) in [-1, 1] -> posterior mode, mean, std, each (B, 4, R/f, R/f), float32, unscaled.
-
-    The mode is what the IP2P pipeline feeds as the image condition (diffusers: `latent_dist.mode()`, no scaling
-    factor); mean and std let the training target be sampled per step, as diffusers' script does with `.sample()`.
-    """
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mode().float(), dist.mean.float(), dist.std.float()
-
-
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
-    """Instructions -> (B, 77, d) last hidden states of the text encoder, float32 (the UNet's cross-attention input)."""
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0].float()
-
-
-@dataclass
-class LatentCache:
-    """`--cache-latents`: every training row encoded once, for small datasets.
-
-    Images use the center crop (a random crop would need every crop encoded); with random_flip the mirrored pair
-    is encoded too, so flipping stays exact. Per row and flip: the conditioning latent is the VAE posterior mode
-    (what the pipeline uses at inference), the target keeps the posterior mean and std so a fresh target latent
-    is sampled every step exactly as without the cache. Text features are kept per distinct instruction.
-    Tensors live on the CPU: (N, F, 4, h, w) with F = 2 flips or 1.
-    """
-
-    rows: dict[int, int]  # dataset index -> position in the tensors
-    cond: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    text: dict[str, torch.Tensor]  # instruction -> (77, d)
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, dataset: EditDataset, indices: list[int], vae, tokenizer, text_encoder, instructions: list[str],
-              resolution: int, random_flip: bool, batch_size: int = 8, quiet: bool = False) -> LatentCache:
-        from tqdm.auto import tqdm
-
-        flips = 2 if random_flip else 1
-        positions: dict[int, int] = {}
-        cond, mean, std = [], [], []
-        center = torch.Generator().manual_seed(0)  # paired_transform draws from it; center crop without flip ignores the draws
-        for start in tqdm(range(0, len(indices), batch_size), desc="cache latents", disable=quiet):
-            batch = [(i, ex) for i in indices[start:start + batch_size] if (ex := dataset.get(i)) is not None]
-            if not batch:
-                continue
-            pairs = [paired_transform(ex, resolution, center, center_crop=True, random_flip=False) for _i, ex in batch]
-            pixels = torch.stack([torch.stack(p) for p in pairs])  # (b, 2, 3, R, R): input, target
-            if flips == 2:
-                pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # (b, 2 flips, 2, 3, R, R)
-            else:
-                pixels = pixels[:, None]  # (b, 1, 2, 3, R, R)
-            b = pixels.shape[0]
-            flat = pixels.reshape(b * flips * 2, *pixels.shape[-3:])  # (b * F * 2, 3, R, R)
-            mode, mu, sigma = (t.reshape(b, flips, 2, *t.shape[1:]) for t in encode_images(vae, flat))
-            cond.append(mode[:, :, 0].cpu())  # input image -> condition
-            mean.append(mu[:, :, 1].cpu())  # target image -> posterior to sample from
-            std.append(sigma[:, :, 1].cpu())
-            for i, _ex in batch:
-                positions[i] = len(positions)
-        if not positions:
-            raise AdapterkitError(f"no training row of {dataset.source} has readable images ({len(dataset.skipped)} skipped)")
-        texts = sorted(set(instructions) | {dataset.instructions[i] for i in positions} | {""})
-        features = {}
-        for start in range(0, len(texts), 64):
-            chunk = texts[start:start + 64]
-            for text, feature in zip(chunk, encode_text(tokenizer, text_encoder, chunk).cpu()):
-                features[text] = feature
-        return cls(
-            rows=positions,
-            cond=torch.cat(cond),
-            mean=torch.cat(mean),
-            std=torch.cat(std),
-            text=features,
-        )
