@@ -15,10 +15,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from ..adapters.registry import method_names  # names only: the registry imports no torch
 from ..errors import AdapterkitError
 
-METHODS = ("custom-diffusion", "lora")  # same names as adapters.METHODS (not imported: that pulls in torch)
-PRESETS = ("ip2p", "cartoonization", "low-level")  # column presets, defined in train/data.py
+PRESETS = ("ip2p", "cartoonization", "low-level")  # column presets, defined in adapterkit/data.py
 OPTIMIZERS = ("adamw8bit", "adamw")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -38,7 +38,8 @@ class TrainConfig:
     # ---- what to train (required)
     base: str | None = _f(None, "IP2P base: hub id, local diffusers folder, builtin:tiny or builtin:tiny-random.", "required")
     data: str | None = _f(None, "Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl.", "required")
-    method: str | None = _f(None, "Adapter method.", "required", choices=METHODS)
+    # choices is the registry's function, called when checked: a method registered at run time is accepted too.
+    method: str | None = _f(None, "Adapter method.", "required", choices=method_names)
     task: str | None = _f(None, "Task name stored in the adapter (e.g. derain).", "required")
     output: str | None = _f(None, "Adapter folder to write; also holds checkpoints/, validation/ and logs/.", "required")
 
@@ -48,7 +49,7 @@ class TrainConfig:
     target_column: str | None = _f(None, "Column of edited (target) images (overrides the preset).", "data")
     instruction_column: str | None = _f(None, "Column of edit instructions (overrides the preset).", "data")
     split: str = _f("train", "Dataset split.", "data")
-    data_task: str | None = _f(None, "Train only on rows of this task of a multi-task dataset (e.g. derain; rule in train/data.py).", "data")
+    data_task: str | None = _f(None, "Train only on rows of this task of a multi-task dataset (e.g. derain; rule in adapterkit/data.py).", "data")
     limit: int | None = _f(None, "Use at most this many rows (after --data-task).", "data")
     resolution: int | None = _f(None, "Training resolution (multiple of 8); default: the base's own, else 256.", "data")
     center_crop: bool = _f(False, "Center crop instead of IP2P's random crop (always on with --cache-latents).", "data")
@@ -100,6 +101,7 @@ class TrainConfig:
             if float in typing.get_args(_HINTS[f.name]) + (_HINTS[f.name],) and isinstance(getattr(self, f.name), int):
                 object.__setattr__(self, f.name, float(getattr(self, f.name)))  # TOML `learning_rate = 1` -> 1.0
             choices = f.metadata.get("choices")
+            choices = choices() if callable(choices) else choices
             if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
                 raise AdapterkitError(f"{_flag(f)} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
         self._check_ranges()

@@ -1,0 +1,133 @@
+"""Training setup helpers the recipe in loop.py calls once: the accelerator, the held-out rows, the trainable adapter
+(through the method protocol: `make_trainable` of adapters/<method>.py), the optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..adapters import get_method
+from ..errors import AdapterkitError
+from .batches import seeded_generator
+from .checkpoints import LOGS
+from .config import TrainConfig
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    reset_accelerate_state()
+    log_with = cfg.log_with
+    if log_with == "auto":
+        log_with = "tensorboard" if is_tensorboard_available() else "none"
+    if log_with == "tensorboard" and not is_tensorboard_available():
+        raise AdapterkitError("--log-with tensorboard needs the tensorboard package (pip install tensorboard), or use --log-with none")
+    # accelerate sets up CPU multi-process (gloo) only when told cpu=True: under torchrun without a GPU, tell it.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.cpu or (launched and not torch.cuda.is_available()),
+        log_with=None if log_with == "none" else log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.output, logging_dir=os.path.join(cfg.output, LOGS)),
+        # We step the LR scheduler once per optimizer step ourselves; accelerate would step it once per process.
+        step_scheduler_with_optimizer=False,
+    )
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise AdapterkitError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
+    return accelerator
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps one global state per process; a second train() (notebook, tests) may want another precision.
+
+    Inside a launched multi-process run the process group stays: only the per-run part is cleared.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+    GradientState._reset_state()
+
+
+def init_trackers(accelerator, config_dict: dict) -> None:
+    """Called once setup passed, so that a run refused for bad data or a bad base writes nothing under OUTPUT."""
+    if accelerator.log_with:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config_dict.items()}
+        accelerator.init_trackers("adapterkit", config=config)
+
+
+def hold_out(n: int, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """(validation rows, training rows): a seeded random choice of `validation_rows` rows is never trained on."""
+    if not cfg.validation_steps:
+        return [], list(range(n))
+    if n <= cfg.validation_rows:
+        raise AdapterkitError(
+            f"the dataset has {n} rows, too few to hold out {cfg.validation_rows} for validation; lower "
+            "--validation-rows or pass --validation-steps 0"
+        )
+    chosen = sorted(torch.randperm(n, generator=seeded_generator(cfg.seed, "validation")).tolist()[: cfg.validation_rows])
+    return chosen, [i for i in range(n) if i not in set(chosen)]
+
+
+def check_resolution(base, resolution: int) -> None:
+    # The UNet halves the latent once per down block but the last: latents must divide by 2^(blocks - 1).
+    multiple = base.pipe.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise AdapterkitError(f"--resolution {resolution} must be a multiple of {multiple} for this base")
+
+
+def make_adapter_trainable(cfg: TrainConfig, base, accelerator) -> tuple[list[torch.nn.Parameter], dict | None]:
+    """Freeze everything, attach the adapter, check that nothing else trains, set devices and dtypes.
+
+    Returns (trainable parameters, the method's options as the adapter will record them).
+    """
+    from accelerate.utils import set_seed
+
+    unet, vae, text_encoder = base.pipe.unet, base.pipe.vae, base.pipe.text_encoder
+    vae.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
+    set_seed(cfg.seed)  # peft's gaussian LoRA init draws from the global RNG: same init on every process and run
+    method = get_method(cfg.method)
+    options = method.training_options(cfg.to_dict())
+    params = method.make_trainable(unet, options)
+    assert_only_adapter_trains(method, base, params)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    weight_dtype = torch.float32
+    if accelerator.device.type != "cpu" and cfg.mixed_precision != "no":
+        # Frozen weights in half precision halve their memory; trainable ones stay fp32 for the optimizer.
+        weight_dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+        for p in unet.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(weight_dtype)
+    vae.to(accelerator.device, weight_dtype)
+    text_encoder.to(accelerator.device, weight_dtype)
+    return params, options
+
+
+def assert_only_adapter_trains(method, base, params: list[torch.nn.Parameter]) -> None:
+    """A bug guard: every trainable parameter is an adapter parameter, and the VAE and text encoder are frozen."""
+    ours = {id(p) for p in params}
+    for name, p in base.pipe.unet.named_parameters():
+        if p.requires_grad != (id(p) in ours) or (p.requires_grad and not method.is_adapter_parameter(name)):
+            raise RuntimeError(f"UNet parameter {name} has requires_grad={p.requires_grad}; only {method.METHOD} parameters may train")
+    for part in (base.pipe.vae, base.pipe.text_encoder):
+        if any(p.requires_grad for p in part.parameters()):
+            raise RuntimeError(f"{type(part).__name__} has trainable parameters; it must stay frozen")
+
+
+def make_optimizer(params, name: str, learning_rate: float, weight_decay: float = 0.0):
+    """AdamW with 8-bit states (bitsandbytes; works on CPU too) or torch's AdamW with fp32 states."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise AdapterkitError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); or pass --optimizer adamw") from e
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    raise AdapterkitError(f"unknown optimizer '{name}'; use adamw8bit or adamw")
