@@ -16,21 +16,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterkitError
-
-METHODS = ("sum", "linear", "ties", "dare", "svd")
-DEFAULT_DENSITY = 0.5
+from .methods import BASELINES as METHODS
+from .methods import DEFAULT_DENSITY, MergeOptions, check_options, get
 
 
 def resolve_weights(method: str, weights: list[float] | None, count: int) -> torch.Tensor:
-    """(n,) float64 weights; `linear` normalises them to sum 1."""
+    """(n,) float64 weights (checked by methods.check_options); `linear` normalises them to sum 1."""
     if weights is None:
         weights = [1.0] * count
-    if len(weights) != count:
-        raise AdapterkitError(f"--weights has {len(weights)} values for {count} adapters; give one weight per adapter")
     w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    if method == "linear":
-        if abs(float(w.sum())) < 1e-12:
-            raise AdapterkitError("--weights sum to zero, so the linear average is undefined; use --method sum")
+    if get(method).normalised:
         w = w / w.sum()
     return w
 
@@ -46,10 +41,7 @@ def combine(
     """Module -> merged dW (float64) over the union of modules the adapters touch."""
     if method not in METHODS:
         raise AdapterkitError(f"unknown baseline merge '{method}'; use one of {', '.join(METHODS)}")
-    if method in ("ties", "dare") and not 0.0 < density <= 1.0:
-        raise AdapterkitError(f"--density must be in (0, 1], got {density}")
-    if method == "svd" and (rank is None or rank < 1):
-        raise AdapterkitError("--method svd needs --rank R (R >= 1): the rank the exact sum is truncated to")
+    check_options(method, MergeOptions(weights=weights, density=density, seed=seed, rank=rank), count=len(deltas))
     w = resolve_weights(method, weights, len(deltas))
     modules = sorted(set().union(*(d.keys() for d in deltas)))
     merged = {}

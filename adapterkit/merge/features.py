@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from ..adapters.safe_load import load_safetensors
 from ..errors import AdapterkitError
 from ..fileio import atomic_file
+from ..inference import encode_text
+from .methods import POSITIONS  # one list of position rules, with the merge options
 
-POSITIONS = ("eos", "all")
 FEATURES_VERSION = 2  # bump when the way rows are chosen changes: old cache entries are then ignored
 BATCH_SIZE = 128  # per text-encoder call: per-call overhead dominates small batches on CPU
 _PROBE = "a photo of a cat, make it snowy at night"
@@ -62,18 +63,18 @@ def read_prompts(path: str | None = None) -> list[str]:
     return sorted(set(prompts) | {""})
 
 
-@torch.no_grad()
 def encode_tokens(pipe, texts: list[str], quiet: bool = True, desc: str = "text features") -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (n, 77) int64, hidden (n, 77, d_text) float32): exactly what encode_prompt gives the UNet."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    device = encoder.device
-    chunks = []
+    texts = list(texts)
+    ids, chunks = [], []
     for start in tqdm(range(0, len(texts), BATCH_SIZE), desc=desc, unit="batch", disable=quiet or len(texts) <= BATCH_SIZE):
-        batch = ids[start : start + BATCH_SIZE].to(device)
-        chunks.append(encoder(batch)[0].float().cpu())  # (b, 77, d_text)
-    hidden = torch.cat(chunks) if chunks else torch.zeros(0, ids.shape[1], encoder.config.hidden_size)
-    return ids, hidden
+        encoded = encode_text(tokenizer, encoder, texts[start : start + BATCH_SIZE])
+        ids.append(encoded.ids)
+        chunks.append(encoded.hidden.cpu())  # (b, 77, d_text)
+    if not chunks:
+        return torch.zeros(0, tokenizer.model_max_length, dtype=torch.long), torch.zeros(0, tokenizer.model_max_length, encoder.config.hidden_size)
+    return torch.cat(ids), torch.cat(chunks)
 
 
 def first_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdapterkitError
+from .methods import DEFAULT_RIDGE, DEFAULT_TARGET_WEIGHT  # noqa: F401  (defaults live with the options)
 
-DEFAULT_RIDGE = 1e-6  # relative to the mean eigenvalue of M: keeps M invertible when C_reg spans few directions
-DEFAULT_TARGET_WEIGHT = 1e4
 MAX_CONDITION = 1e10  # of D C^T: beyond this float64 loses the 1e-6 accuracy the exact solve promises
 SHARED_ROW_TOLERANCE = 1e-6  # rows closer than this (relative) are the same token in the same causal context
 

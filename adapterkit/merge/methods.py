@@ -1,0 +1,83 @@
+"""The merge-method registry and the typed options every method reads; all validation of merge options is here.
+
+Imports no torch: the CLI builds `--method` and its other choices from this module. A new merge method is one
+entry in METHODS plus its maths (lsq.py for least squares, baselines.py for exact combinations of full deltas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import AdapterkitError
+
+DEFAULT_DENSITY = 0.5  # ties / dare: fraction of each delta kept
+DEFAULT_RIDGE = 1e-6  # relative to the mean eigenvalue of M: keeps M invertible when C_reg spans few directions
+DEFAULT_TARGET_WEIGHT = 1e4  # lsq-soft: lambda
+POSITIONS = ("eos", "all")  # lsq target tokens: 1..first EOS, or all 77 (features.py)
+OTHER_MODULE_METHODS = ("linear", "sum")  # lsq: how LoRA modules outside attn2 K/V are merged
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    family: str  # "lsq": least squares on attn2 K/V (lsq.py); "baseline": exact on full deltas (baselines.py)
+    help: str
+    reads: tuple[str, ...]  # MergeOptions fields it uses
+    exact: bool = False  # lsq family: exact constraints (True) or the soft, weighted variant
+    normalised: bool = False  # baselines: weights divided by their sum (a weighted average)
+
+
+METHODS = {m.name: m for m in (
+    MergeMethod("lsq", "lsq", "constrained least squares on K/V: each task's instructions give its targets exactly",
+                ("ridge", "positions", "other_modules"), exact=True),
+    MergeMethod("lsq-soft", "lsq", "least squares with the targets weighted by target_weight instead of exact",
+                ("target_weight", "ridge", "positions", "other_modules")),
+    MergeMethod("sum", "baseline", "task arithmetic: sum of weighted deltas", ("weights",)),
+    MergeMethod("linear", "baseline", "weighted average of deltas", ("weights",), normalised=True),
+    MergeMethod("ties", "baseline", "TIES: trim to density, elect signs, disjoint mean", ("weights", "density")),
+    MergeMethod("dare", "baseline", "DARE: random drop to density, rescale; seeded", ("weights", "density", "seed")),
+    MergeMethod("svd", "baseline", "the exact sum truncated to rank singular directions", ("weights", "rank")),
+)}
+BASELINES = tuple(name for name, m in METHODS.items() if m.family == "baseline")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything a merge method may read (each reads the fields in its MergeMethod.reads)."""
+
+    weights: list[float] | None = None  # per adapter, in order (baselines); None: all 1
+    density: float = DEFAULT_DENSITY  # ties / dare: fraction kept
+    seed: int = 0  # dare: seed of the drop masks
+    rank: int | None = None  # svd: truncation rank
+    target_weight: float = DEFAULT_TARGET_WEIGHT  # lsq-soft: lambda
+    ridge: float = DEFAULT_RIDGE  # lsq: ridge on M, relative to its mean eigenvalue
+    positions: str = "eos"  # lsq: target token positions (POSITIONS)
+    other_modules: str = "linear"  # lsq: merge rule for LoRA modules outside attn2 K/V (OTHER_MODULE_METHODS)
+    as_lora: bool = False  # write a LoRA instead of full K/V
+
+
+def get(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise AdapterkitError(f"unknown merge method '{name}'; use one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_options(name: str, options: MergeOptions, count: int | None = None) -> MergeMethod:
+    """Raise on the first option `name` cannot run with; `count` (number of adapters) checks the weights too."""
+    method = get(name)
+    if options.positions not in POSITIONS:
+        raise AdapterkitError(f"unknown --positions '{options.positions}'; use one of {', '.join(POSITIONS)}")
+    if options.other_modules not in OTHER_MODULE_METHODS:
+        raise AdapterkitError(f"--other-modules must be one of {', '.join(OTHER_MODULE_METHODS)}, got '{options.other_modules}'")
+    if "rank" in method.reads and (options.rank is None or options.rank < 1):
+        raise AdapterkitError(f"--method {name} needs --rank R (R >= 1): the rank the exact sum is truncated to")
+    if "density" in method.reads and not 0.0 < options.density <= 1.0:
+        raise AdapterkitError(f"--density must be in (0, 1], got {options.density}")
+    if options.weights is not None and "weights" not in method.reads:
+        raise AdapterkitError(f"--weights applies to the baseline methods ({', '.join(BASELINES)}), not to least squares")
+    if options.weights is not None and count is not None:
+        if len(options.weights) != count:
+            raise AdapterkitError(f"--weights has {len(options.weights)} values for {count} adapters; give one weight per adapter")
+        if method.normalised and abs(sum(float(w) for w in options.weights)) < 1e-12:
+            raise AdapterkitError("--weights sum to zero, so the linear average is undefined; use --method sum")
+    return method
