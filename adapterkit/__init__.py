@@ -1,29 +1,57 @@
-"""adapterkit: train, merge, evaluate and hot-swap lightweight task adapters for InstructPix2Pix."""
+"""adapterkit: train, merge, evaluate and hot-swap lightweight task adapters for InstructPix2Pix.
+
+The public API is re-exported here lazily (module `__getattr__`): `import adapterkit` and `adapterkit --help`
+load no torch; each name imports its module on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
 
 from .compat import quiet_third_party_logs
 
 quiet_third_party_logs()
 
-from .adapters import Adapter, load_adapter, save_adapter
-from .adapters.bank import AdapterBank
-from .base import Base, compute_fingerprint, convert_sd15_to_ip2p, load_base
-from .errors import AdapterkitError
-from .eval import evaluate
-from .merge import merge
-from .train import TrainConfig, train
+# public name -> module that defines it
+_LAZY = {
+    "Adapter": ".adapters.record",
+    "load_adapter": ".adapters.record",
+    "save_adapter": ".adapters.record",
+    "AdapterBank": ".adapters.bank",
+    "Base": ".base",
+    "compute_fingerprint": ".base",
+    "convert_sd15_to_ip2p": ".base",
+    "load_base": ".base",
+    "AdapterkitError": ".errors",
+    "evaluate": ".eval.run",
+    "merge": ".merge.run",
+    "train": ".train.loop",
+    "TrainConfig": ".train.config",
+}
 
-__all__ = [
-    "Adapter",
-    "AdapterBank",
-    "AdapterkitError",
-    "Base",
-    "compute_fingerprint",
-    "convert_sd15_to_ip2p",
-    "evaluate",
-    "load_adapter",
-    "load_base",
-    "merge",
-    "save_adapter",
-    "train",
-    "TrainConfig",
-]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # once resolved, a plain attribute
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`adapterkit.merge` and `adapterkit.train` name both a function of the API and a subpackage. Importing the
+    subpackage would set the attribute to the module; keep the function (as the eager `from .merge import merge`
+    used to), so `adapterkit.merge(...)` works whatever was imported first."""
+
+    def __setattr__(self, name, value):
+        if name in ("merge", "train") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = sorted(_LAZY)

@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from .errors import AdapterkitError
+from .errors import AdapterkitError, first_line
 from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+from .merge import methods as merge_methods  # the merge registry: names, defaults, choices (no torch)
 
 BASE_HELP = "IP2P base: hub id, local diffusers folder, builtin:tiny (bundled, trained) or builtin:tiny-random."
 
@@ -33,7 +34,7 @@ class AdapterkitGroup(click.Group):
         except Exception as e:  # noqa: BLE001 - the last line of defence: report, exit 1
             if os.environ.get("ADAPTERKIT_DEBUG"):
                 raise
-            click.echo(f"unexpected error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            click.echo(f"unexpected error: {type(e).__name__}: {first_line(e) if str(e).strip() else ''} "
                        "(set ADAPTERKIT_DEBUG=1 for the traceback)", err=True)
             sys.exit(1)
 
@@ -154,21 +155,20 @@ def eval_command(adapters, **options):
 @main.command("merge")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--base", required=True, help=BASE_HELP)
-@click.option("--method", default="lsq", show_default=True,
-              type=click.Choice(["lsq", "lsq-soft", "sum", "linear", "ties", "dare", "svd"]),
+@click.option("--method", default="lsq", show_default=True, type=click.Choice(list(merge_methods.METHODS)),
               help="lsq: constrained least squares on attn2 K/V; the others are exact baselines on full deltas.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the merged adapter.")
 @click.option("--weights", default=None, help="Comma-separated weight per adapter, in order (sum, linear, ties, dare, svd).")
-@click.option("--density", default=0.5, show_default=True, type=float, help="ties/dare: fraction of each delta kept.")
+@click.option("--density", default=merge_methods.DEFAULT_DENSITY, show_default=True, type=float, help="ties/dare: fraction of each delta kept.")
 @click.option("--seed", default=0, show_default=True, type=int, help="dare: seed of the drop masks.")
 @click.option("--rank", default=None, type=click.IntRange(1), help="svd: rank the exact sum is truncated to.")
-@click.option("--target-weight", default=1e4, show_default=True, type=float, help="lsq-soft: weight lambda of the targets.")
-@click.option("--ridge", default=1e-6, show_default=True, type=float, help="lsq: ridge on M, relative to its mean eigenvalue.")
+@click.option("--target-weight", default=merge_methods.DEFAULT_TARGET_WEIGHT, show_default=True, type=float, help="lsq-soft: weight lambda of the targets.")
+@click.option("--ridge", default=merge_methods.DEFAULT_RIDGE, show_default=True, type=float, help="lsq: ridge on M, relative to its mean eigenvalue.")
 @click.option("--reg-prompts", default=None, type=click.Path(dir_okay=False),
               help="Regularization prompts, one per line (default: the built-in set of edit instructions and captions).")
-@click.option("--positions", default="eos", show_default=True, type=click.Choice(["eos", "all"]),
+@click.option("--positions", default="eos", show_default=True, type=click.Choice(merge_methods.POSITIONS),
               help="lsq target tokens: 1..first EOS (eos) or all 77 positions (all).")
-@click.option("--other-modules", default="linear", show_default=True, type=click.Choice(["linear", "sum"]),
+@click.option("--other-modules", default="linear", show_default=True, type=click.Choice(merge_methods.OTHER_MODULE_METHODS),
               help="lsq: how LoRA modules outside attn2 K/V are merged (least squares does not apply to them).")
 @click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows) instead of full K/V.")
 @click.option("--task", default=None, help="Task name of the merged adapter (default: the sources' names joined by '+').")
@@ -249,7 +249,8 @@ def _train_options(f):
         elif typing.get_origin(kinds[0]) is tuple:
             f = click.option(flag, name, multiple=True, help=help_text)(f)
         else:
-            kind = click.Choice(meta["choices"]) if meta["choices"] else kinds[0]
+            choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+            kind = click.Choice(choices) if choices else kinds[0]
             f = click.option(flag, name, type=kind, default=None, help=help_text)(f)
     return f
 
