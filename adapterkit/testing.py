@@ -1,4 +1,5 @@
-"""Tiny objects the tests share: random adapters on a tiny base, small images."""
+"""Tiny objects tests/ and bench/ share: random adapters on a tiny base, small images, edit datasets, a trainable
+tiny base. Public so that benchmarks need nothing from tests/ (and no sys.path tricks)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adapterkit.adapters import Adapter, custom_diffusion, lora
-from adapterkit.base import cross_attention_kv_layers
+from .adapters import custom_diffusion, lora
+from .adapters.record import Adapter
+from .base import BASE_INFO_FILE, cross_attention_kv_layers
 
 
 def random_image(seed: int = 0, size: int = 64) -> Image.Image:
@@ -49,7 +51,7 @@ def random_lora(base, task: str, rank: int = 4, alpha: float | None = None, seed
         instructions=instructions or [f"{task} the image"],
         tensors=tensors,
         base={"name_or_path": base.name_or_path, "fingerprint": base.fingerprint},
-        lora=config,
+        options=config,
     )
 
 
@@ -118,8 +120,7 @@ def make_trainable_tiny_base(folder, seed: int = 0) -> str:
 
     from diffusers import UNet2DConditionModel
 
-    from adapterkit.base import BASE_INFO_FILE
-    from adapterkit.tiny import make_tiny_pipeline
+    from .tiny import make_tiny_pipeline
 
     pipe = make_tiny_pipeline(seed=seed)
     config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
@@ -132,7 +133,7 @@ def make_trainable_tiny_base(folder, seed: int = 0) -> str:
     pipe.register_modules(unet=unet.eval())
     pipe.save_pretrained(str(folder))
     with open(os.path.join(str(folder), BASE_INFO_FILE), "w", encoding="utf-8") as f:
-        json.dump({"resolution": 64, "made_by": "tests/factories.make_trainable_tiny_base", "seed": seed}, f)
+        json.dump({"resolution": 64, "made_by": "tests/factories.make_trainable_tiny_base", "seed": seed}, f)  # name kept: base files stay byte-identical
     return str(folder)
 
 
@@ -142,7 +143,7 @@ def instruction_custom_diffusion(base, task: str, instructions: list[str], seed:
     not. A gradient step only moves W along the text features it was fed, so trained adapters look like this far
     more than full-rank noise does (for merge tests: least squares assumes tasks differ in what they read).
     """
-    from adapterkit.merge import features
+    from .merge import features
 
     ids, hidden = features.encode_tokens(base.pipe, list(instructions) + [""])
     rows = torch.cat(features.select_rows(ids[:-1], hidden[:-1], base.pipe.tokenizer.eos_token_id, "eos")).double()

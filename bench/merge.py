@@ -22,18 +22,18 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import emit, machine, print_table, sd15_pipeline  # noqa: E402
-from factories import instruction_custom_diffusion, random_custom_diffusion, random_image, to_array  # noqa: E402
 
 from adapterkit.adapters.bank import AdapterBank  # noqa: E402
 from adapterkit.base import Base, compute_fingerprint  # noqa: E402
 from adapterkit.errors import AdapterkitError  # noqa: E402
+from adapterkit.eval.metrics import psnr  # noqa: E402
 from adapterkit.merge import features, merge  # noqa: E402
+from adapterkit.testing import instruction_custom_diffusion, random_custom_diffusion, random_image  # noqa: E402
 
 # Words of the tiny tokenizer's vocabulary, so each instruction is a few tokens as with the real CLIP BPE.
 # "make it ..." is a shared causal prefix: its rows get the mean target (residual_all_rows includes them).
@@ -98,11 +98,6 @@ def bench_sd15(repeats: int) -> tuple[dict, list[dict]]:
         "peak_rss_gb": peak_rss_gb(),
     }
     return result, rows
-
-
-def psnr(a, b) -> float:
-    mse = float(((to_array(a) - to_array(b)) ** 2).mean())
-    return 10 * np.log10(1.0 / max(mse, 1e-12))
 
 
 def bench_images() -> list[dict]:

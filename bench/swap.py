@@ -14,16 +14,15 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
 import torch  # noqa: E402
 from common import emit, machine, median_seconds, sd15_pipeline  # noqa: E402
-from factories import random_custom_diffusion, random_lora  # noqa: E402
 
 from adapterkit.adapters import load_adapter, save_adapter  # noqa: E402
 from adapterkit.adapters.bank import AdapterBank  # noqa: E402
 from adapterkit.base import load_base  # noqa: E402
+from adapterkit.testing import random_custom_diffusion, random_lora  # noqa: E402
 
 
 def save_base(size: str, folder: str) -> None:

@@ -41,8 +41,10 @@ def worker(method: str, optimizer_name: str, resolution: int, steps: int, rank: 
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from adapterkit.adapters import custom_diffusion, lora
-    from adapterkit.train.loop import _generator, ip2p_loss, make_optimizer
+    from adapterkit.adapters import get_method
+    from adapterkit.train.batches import seeded_generator
+    from adapterkit.train.loop import ip2p_loss
+    from adapterkit.train.setup import make_optimizer
 
     torch.manual_seed(0)
     latent = resolution // 8
@@ -52,16 +54,15 @@ def worker(method: str, optimizer_name: str, resolution: int, steps: int, rank: 
     if method == "full":
         unet.requires_grad_(True)
         params = list(unet.parameters())
-    elif method == "custom-diffusion":
-        params = custom_diffusion.make_trainable(unet)
-    else:
-        params = lora.make_trainable(unet, lora.make_config(rank, None, "kv"))
+    else:  # an adapter method, through the method protocol
+        adapter = get_method(method)
+        params = adapter.make_trainable(unet, adapter.training_options({"rank": rank, "lora_alpha": None, "targets": "kv"}))
     optimizer = make_optimizer(params, optimizer_name, 1e-5)
     noise_scheduler = DDPMScheduler()
     null_text = torch.zeros(1, 77, 768)
     times = []
     for step in range(steps):
-        gen = _generator(0, "bench", step)
+        gen = seeded_generator(0, "bench", step)
         latents = torch.randn(1, 4, latent, latent, generator=gen)
         cond = torch.randn(1, 4, latent, latent, generator=gen)
         text = torch.randn(1, 77, 768, generator=gen)

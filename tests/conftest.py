@@ -24,8 +24,8 @@ def tiny_base_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def trainable_base_dir(tmp_path_factory) -> str:
-    """The tiny base training tests use (factories.make_trainable_tiny_base), saved once per session."""
-    from factories import make_trainable_tiny_base
+    """The tiny base training tests use (adapterkit.testing.make_trainable_tiny_base), saved once per session."""
+    from adapterkit.testing import make_trainable_tiny_base
 
     return make_trainable_tiny_base(tmp_path_factory.mktemp("bases") / "trainable")
 
@@ -50,6 +50,6 @@ def tiny_base(tiny_base_dir):
 
 @pytest.fixture
 def image():
-    from factories import random_image
+    from adapterkit.testing import random_image
 
     return random_image(0)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from factories import random_custom_diffusion, random_image, random_lora
+from adapterkit.testing import random_custom_diffusion, random_image, random_lora
 
 from adapterkit.adapters import load_adapter, save_adapter
 from adapterkit.adapters.bank import AdapterBank
@@ -49,7 +49,7 @@ def test_save_load_round_trip(tiny_base, tmp_path, method):
     for key, value in adapter.tensors.items():
         assert torch.equal(loaded.tensors[key], value)
     if method == "lora":
-        assert loaded.lora["r"] == 3 and loaded.lora["lora_alpha"] == 6.0 and loaded.rank == 3
+        assert loaded.options["r"] == 3 and loaded.options["lora_alpha"] == 6.0 and loaded.rank == 3
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp folders left behind
 
 

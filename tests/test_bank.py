@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from factories import random_custom_diffusion, random_lora
+from adapterkit.testing import random_custom_diffusion, random_lora
 
 from adapterkit.adapters.bank import AdapterBank
 from adapterkit.base import load_base
@@ -27,7 +27,7 @@ def adapters_for(base):
 @pytest.fixture(scope="module")
 def fresh_outputs(tiny_base_dir):
     """Each adapter's output on a freshly loaded base holding only that adapter, computed once per module."""
-    from factories import random_image
+    from adapterkit.testing import random_image
 
     outputs = {}
     for adapter in adapters_for(load_base(tiny_base_dir)):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from factories import random_custom_diffusion, random_image, random_lora
+from adapterkit.testing import random_custom_diffusion, random_image, random_lora
 from PIL import Image
 
 from adapterkit.adapters import save_adapter

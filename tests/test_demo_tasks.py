@@ -147,7 +147,7 @@ def test_psnr():
 
 
 def test_demo_data_writes_several_tasks_into_one_folder(tmp_path):
-    from adapterkit.train.data import load_edit_dataset
+    from adapterkit.data import load_edit_dataset
 
     out = str(tmp_path / "mixed")
     args = ["demo-data", "--task", "derain", "--task", "cartoonize", "--output", out, "--rows", "2", "--split", "eval", "--quiet"]

@@ -9,7 +9,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from adapterkit.adapters import Adapter
 from adapterkit.errors import AdapterkitError
-from adapterkit.eval import _merge_tasks, build_columns, safe_name, select_task_rows
+from adapterkit.eval.columns import _merge_tasks, build_columns, safe_name
+from adapterkit.eval.rows import select_task_rows
 from adapterkit.eval import metrics as M
 from adapterkit.eval.report import merge_view, summarise_task
 

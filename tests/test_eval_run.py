@@ -18,7 +18,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from adapterkit.adapters import Adapter, save_adapter
 from adapterkit.cli import main
-from factories import random_custom_diffusion, random_image, random_lora
+from adapterkit.testing import random_custom_diffusion, random_image, random_lora
 
 STEPS = "1"
 RESOLUTION = 32  # px: small and fast, still above the 11x11 SSIM window
@@ -299,7 +299,8 @@ def test_instructions_from_the_adapter_for_data_without_instructions(setup, tmp_
 
 def test_a_task_only_a_merge_contains_is_skipped_when_the_data_lacks_it(setup, tmp_path):
     from adapterkit.adapters import load_adapter
-    from adapterkit.eval import build_columns, load_rows
+    from adapterkit.eval.columns import build_columns
+    from adapterkit.eval.rows import load_rows
 
     merged = load_adapter(setup["adapters"]["merged"])
     merged.extra["merge"]["sources"].append({"task": "lowlight", "instructions": ["brighten the image"]})

@@ -11,7 +11,7 @@ from peft.utils import merge_utils
 from adapterkit.base import cross_attention_kv_layers
 from adapterkit.errors import AdapterkitError
 from adapterkit.merge import baselines, merge
-from factories import random_custom_diffusion, random_lora
+from adapterkit.testing import random_custom_diffusion, random_lora
 
 
 @pytest.fixture(autouse=True, scope="module")

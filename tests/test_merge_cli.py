@@ -16,7 +16,8 @@ from adapterkit.base import Base, compute_fingerprint, load_base
 from adapterkit.cli import main
 from adapterkit.inference import run_pipeline
 from adapterkit.merge import merge
-from factories import instruction_custom_diffusion, random_custom_diffusion, random_image, random_lora, to_array
+from adapterkit.testing import instruction_custom_diffusion, random_custom_diffusion, random_image, random_lora
+from adapterkit.eval.metrics import psnr  # the one PSNR (data range 1, capped for identical images)
 
 EDIT = {"steps": 3, "guidance": 7.0, "image_guidance": 1.5, "seed": 0}
 
@@ -40,14 +41,9 @@ def folders(tiny_base, tmp_path):
     return save_adapter(a, str(tmp_path / "derain")), save_adapter(b, str(tmp_path / "cartoonize"))
 
 
-def psnr(a, b) -> float:
-    mse = float(((to_array(a) - to_array(b)) ** 2).mean())
-    return 10 * np.log10(1.0 / max(mse, 1e-12))
-
-
 def test_merged_images_stay_closer_to_each_task_than_linear():
     """Tiny base with 128-dim text features, adapters that change how their own instruction is read (as training
-    does; see factories.instruction_custom_diffusion): lsq keeps each task's edit, the average dilutes both."""
+    does; see adapterkit.testing.instruction_custom_diffusion): lsq keeps each task's edit, the average dilutes both."""
     from adapterkit.tiny import make_tiny_pipeline
 
     pipe = make_tiny_pipeline(0, text_dim=128)

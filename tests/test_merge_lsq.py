@@ -15,7 +15,7 @@ from adapterkit.adapters import Adapter, custom_diffusion
 from adapterkit.base import cross_attention_kv_layers
 from adapterkit.errors import AdapterkitError
 from adapterkit.merge import features, merge
-from factories import random_custom_diffusion, random_lora
+from adapterkit.testing import random_custom_diffusion, random_lora
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -133,7 +133,7 @@ def test_as_lora_export_is_the_same_update_at_rank_m(tiny_base):
     low = merge([a, b], tiny_base, "lsq", as_lora=True)
     m = full.report["constraint_rows"]
     assert low.adapter.method == "lora" and low.adapter.rank == m
-    assert low.adapter.lora["lora_alpha"] == m  # scale 1
+    assert low.adapter.options["lora_alpha"] == m  # scale 1
     base_weights = {n: l.weight.detach() for n, l in cross_attention_kv_layers(tiny_base.unet).items()}
     deltas = low.adapter.delta_weights()
     for name, weight in full.adapter.tensors.items():
@@ -156,7 +156,7 @@ def test_other_modules_need_as_lora_and_are_averaged(tiny_base):
         want = (da[module] + db[module]) / 2
         assert torch.allclose(merged[module], want, atol=1e-5 * float(want.abs().max()))
     assert result.report["tasks"][0]["residual"] <= 1e-4
-    assert "rank_pattern" in result.adapter.lora  # K/V at rank m, other modules at their own numerical rank
+    assert "rank_pattern" in result.adapter.options  # K/V at rank m, other modules at their own numerical rank
 
 
 def test_inputs_from_another_base_are_refused(tiny_base):

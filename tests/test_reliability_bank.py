@@ -6,7 +6,7 @@ import random
 import threading
 
 import numpy as np
-from factories import random_custom_diffusion, random_image, random_lora
+from adapterkit.testing import random_custom_diffusion, random_image, random_lora
 
 from adapterkit.adapters.bank import AdapterBank
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_edit_dataset
+from adapterkit.testing import make_edit_dataset
 from PIL import Image
 
 from adapterkit.adapters import load_adapter
@@ -210,7 +210,7 @@ def test_replacing_a_folder_with_and_without_renameat2(tmp_path, monkeypatch, ex
 
 def test_a_torn_log_line_does_not_block_resume(tmp_path):
     """A crash mid-write can leave half a JSON line at the end of train_log.jsonl: resume drops it, not crashes."""
-    from adapterkit.train.loop import _truncate_log
+    from adapterkit.train.checkpoints import truncate_log as _truncate_log
 
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
@@ -281,7 +281,8 @@ def test_rows_with_an_empty_instruction_are_left_out(trainable_base_dir, data_di
 
 def test_images_smaller_than_the_resolution_are_upscaled(trainable_base_dir, tmp_path):
     """Documented behaviour: the shorter side is scaled up to --resolution (bicubic), as diffusers' IP2P script does."""
-    from adapterkit.train.data import load_edit_dataset, paired_transform, to_tensor
+    from adapterkit.data import load_edit_dataset
+    from adapterkit.train.batches import paired_transform, to_tensor
 
     data = make_edit_dataset(tmp_path / "small", 6, size=16)
     example = load_edit_dataset(data)[0]

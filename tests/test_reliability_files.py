@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from factories import random_custom_diffusion, random_lora
+from adapterkit.testing import random_custom_diffusion, random_lora
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -180,7 +180,7 @@ def test_output_under_a_file_gives_a_clear_error(tiny_base, tmp_path):
 FULL_DISK_SCRIPT = """
 import resource, signal, sys
 sys.path.insert(0, {tests!r})
-from factories import random_custom_diffusion
+from adapterkit.testing import random_custom_diffusion
 from adapterkit.adapters import save_adapter
 from adapterkit.base import load_base
 from adapterkit.errors import AdapterkitError
@@ -246,7 +246,7 @@ def test_full_tmpfs_gives_a_clear_error_and_keeps_the_old_adapter(tiny_base, tmp
 
 @pytest.mark.parametrize("path", ["../outside.png", "in/../../outside.png", "/etc/passwd"])
 def test_dataset_paths_escaping_the_folder_are_refused(tmp_path, path):
-    from adapterkit.train.data import load_edit_dataset
+    from adapterkit.data import load_edit_dataset
 
     folder = tmp_path / "data"
     (folder / "in").mkdir(parents=True)

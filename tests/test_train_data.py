@@ -7,18 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from factories import make_edit_dataset
+from adapterkit.testing import make_edit_dataset
 from PIL import Image
 
 from adapterkit.errors import AdapterkitError
-from adapterkit.train.data import (
-    EditExample,
-    load_edit_dataset,
-    paired_transform,
-    read_instructions_file,
-    sample_instruction,
-    task_matches,
-)
+from adapterkit.data import EditExample, load_edit_dataset, read_instructions_file, task_matches
+from adapterkit.train.batches import paired_transform, sample_instruction
 
 
 def test_local_folder_rows_are_rgb_examples(tmp_path):
@@ -43,7 +37,7 @@ def test_grayscale_and_alpha_images_become_rgb(tmp_path):
 
 @pytest.mark.parametrize("preset", ["ip2p", "cartoonization", "low-level"])
 def test_presets_and_detection(tmp_path, preset):
-    from adapterkit.train.data import PRESETS
+    from adapterkit.data import PRESETS
 
     folder = make_edit_dataset(tmp_path / preset, 2, size=8, columns=PRESETS[preset])
     explicit = load_edit_dataset(folder, preset=preset)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from factories import make_edit_dataset, make_trainable_tiny_base
+from adapterkit.testing import make_edit_dataset, make_trainable_tiny_base
 from safetensors.torch import load_file
 
 

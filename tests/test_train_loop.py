@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import make_edit_dataset, random_image
+from adapterkit.testing import make_edit_dataset, random_image
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -241,7 +241,8 @@ def test_cache_latents_synonyms_and_bf16(trainable_base_dir, data_dir, tmp_path)
 
 
 def test_latent_cache_flip_and_posterior(trainable_base_dir, data_dir):
-    from adapterkit.train.data import LatentCache, encode_images, load_edit_dataset, paired_transform
+    from adapterkit.data import load_edit_dataset
+    from adapterkit.train.batches import LatentCache, encode_images, paired_transform
 
     pipe = load_base(trainable_base_dir).pipe
     ds = load_edit_dataset(data_dir)
