@@ -11,7 +11,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from adapterkit.adapters import method_names  # noqa: E402  (the registry: names only, no torch)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(params=method_names())
+def method(request) -> str:
+    """Each built-in adapter method, from the registry: a test that takes `method` runs once per method, so every
+    method goes through the same matrix (peft's habit). A new built-in method joins every such test."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,6 @@ def plain_edit(pipe, image, instruction):
                 image_guidance_scale=1.5, generator=generator, output_type="np").images[0]
 
 
-@pytest.mark.parametrize("method", ["custom-diffusion", "lora"])
 def test_save_load_round_trip(tiny_base, tmp_path, method):
     adapter = (random_custom_diffusion(tiny_base, "derain") if method == "custom-diffusion"
                else random_lora(tiny_base, "derain", rank=3, alpha=6.0))

@@ -18,11 +18,12 @@ from adapterkit.adapters import load_adapter
 from adapterkit.base import load_base
 from adapterkit.cli import main
 from adapterkit.errors import AdapterkitError
+from adapterkit.adapters import method_names
 from adapterkit.train import TrainConfig, train
 from adapterkit.train import loop as loop_module
 from adapterkit.train.loop import TrainingInterrupted, conditioning_dropout
 
-METHODS = ["custom-diffusion", "lora"]
+METHODS = method_names()  # the registry's built-in methods; tests taking `method` get them from conftest
 WEIGHT_FILES = {"custom-diffusion": "pytorch_custom_diffusion_weights.safetensors", "lora": "pytorch_lora_weights.safetensors"}
 
 
@@ -63,7 +64,6 @@ def _losses(output: str) -> list[float]:
         return [json.loads(line)["loss"] for line in f]
 
 
-@pytest.mark.parametrize("method", METHODS)
 def test_only_adapter_tensors_change_and_loss_falls(trained, trainable_base_dir, method):
     adapter, used_base, output = trained[method]
     fresh = load_base(trainable_base_dir)
@@ -88,7 +88,6 @@ def test_only_adapter_tensors_change_and_loss_falls(trained, trainable_base_dir,
     assert adapter.training["initial_loss"] == pytest.approx(np.mean(losses[:10]))
 
 
-@pytest.mark.parametrize("method", METHODS)
 def test_adapter_folder_contents(trained, method):
     adapter, _base, output = trained[method]
     assert os.path.isfile(os.path.join(output, WEIGHT_FILES[method]))
@@ -131,7 +130,6 @@ class _Killed(BaseException):
     """Stands in for kill -9: nothing after it runs, no final save."""
 
 
-@pytest.mark.parametrize("method", METHODS)
 def test_resume_after_kill_is_bitwise_identical(trainable_base_dir, data_dir, tmp_path, monkeypatch, method):
     whole = train(small_config(trainable_base_dir, data_dir, tmp_path / "whole", method, checkpoint_steps=10))
 
@@ -278,7 +276,6 @@ def test_cli_train_with_toml_config_and_flag_override(trainable_base_dir, data_d
     assert result.exit_code == 2 and "available columns: input_image, edited_image, edit_prompt" in result.output
 
 
-@pytest.mark.parametrize("method", METHODS)
 def test_gradient_checkpointing_trains_the_same_adapter(trainable_base_dir, data_dir, tmp_path, method):
     plain = train(small_config(trainable_base_dir, data_dir, tmp_path / "plain", method, steps=2, optimizer="adamw"))
     checkpointed = train(small_config(trainable_base_dir, data_dir, tmp_path / "ckpt", method, steps=2, optimizer="adamw", gradient_checkpointing=True))

@@ -236,16 +236,23 @@ def evaluate(
             _generate_all(bank, columns, rows, cache, keys, settings, images_dir, folders, quiet)
     finally:
         bank.close()  # the caller's Base is left as it came (no live LoRA slot): it can be evaluated again
+    sections = _score_all(output, tasks, columns, rows, folders, scorers, quiet)
+    report = build_report(loaded, data, {**data_options, "limit": limit, "task_rows": task_rows,
+                                         "instructions": instructions}, settings, seed, columns, sections,
+                          {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
+    return _write_outputs(output, report, cache)
+
+
+def _score_all(output: str, tasks: list[str], columns: list[Column], rows: dict, folders: dict, scorers: Scorers,
+               quiet: bool) -> dict:
+    """task -> report section, scored from the saved PNGs."""
     sections = {}
     for task in tasks:
         task_columns = [c for c in columns if task in c.tasks]
         adapter_column = next((c.name for c in task_columns if c.kind == "adapter"), None)
         records = score_task(output, folders[task], task_columns, rows[task], scorers, adapter_column, quiet)
         sections[task] = task_section(task, folders[task], task_columns, records)
-    report = build_report(loaded, data, {**data_options, "limit": limit, "task_rows": task_rows,
-                                         "instructions": instructions}, settings, seed, columns, sections,
-                          {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
-    return _write_outputs(output, report, cache)
+    return sections
 
 
 def _check_options(task_rows: str, instructions: str, limit: int | None, output: str) -> None:

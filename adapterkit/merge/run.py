@@ -87,33 +87,15 @@ def merge(
                            ridge=ridge, positions=positions, other_modules=other_modules, as_lora=as_lora)
     spec = check_options(method, options, count=len(adapters) or None)  # every option checked before any work
     base = base if isinstance(base, Base) else load_base(base)
-    inputs = _prepare_inputs(adapters, base, force)
-    if any(inputs.other) and not as_lora:
-        raise AdapterkitError(
-            "some LoRA inputs change modules outside attn2 K/V (trained with --targets attn), which a Custom Diffusion "
-            "adapter cannot hold; pass --as-lora"
-        )
+    inputs = _prepare_inputs(adapters, base, force, as_lora)
     timings = {"load": time.perf_counter() - start}
     features_start = time.perf_counter()
-    prompts = features.read_prompts(reg_prompts) if not isinstance(reg_prompts, list) else sorted(set(reg_prompts) | {""})
-    gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet)
-    text_features = features.instruction_features(base, [t for a in inputs.adapters for t in a.instructions], positions, quiet=quiet)
-    targets = lsq.build_targets(text_features, [a.instructions for a in inputs.adapters], [a.task for a in inputs.adapters])
+    prompts, gram, reg_rows, targets = _text_features(base, inputs, reg_prompts, positions, quiet)
     timings["features"] = time.perf_counter() - features_start
 
     solve_start = time.perf_counter()
-    if spec.family == "lsq":
-        kv_factors, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, ridge, target_weight)
-        kv_deltas = {name: b @ a for name, (b, a) in kv_factors.items()}
-        other = baselines.combine(other_modules, inputs.other) if any(inputs.other) else {}
-    else:
-        kv_factors, solve_info = None, {}
-        all_deltas = [{**kv, **other} for kv, other in zip(inputs.kv, inputs.other)]
-        merged = baselines.combine(method, all_deltas, weights, density, seed, rank)
-        kv_deltas = {k: v for k, v in merged.items() if k in inputs.base_weights}
-        other = {k: v for k, v in merged.items() if k not in inputs.base_weights}
+    kv_deltas, kv_factors, other, solve_info = _solve(spec, options, inputs, targets, gram)
     timings["solve"] = time.perf_counter() - solve_start
-
     report_start = time.perf_counter()
     merge_report = _build_report(spec, inputs, targets, kv_deltas, kv_factors, gram, solve_info)
     merge_report.update(
@@ -134,7 +116,7 @@ def merge(
     return result
 
 
-def _prepare_inputs(adapters: list, base: Base, force: bool) -> _Inputs:
+def _prepare_inputs(adapters: list, base: Base, force: bool, as_lora: bool) -> _Inputs:
     """Load folders, refuse other bases, and turn every adapter into float64 deltas on K/V and other modules."""
     if not adapters:
         raise AdapterkitError("nothing to merge; pass one or more adapter folders")
@@ -148,12 +130,40 @@ def _prepare_inputs(adapters: list, base: Base, force: bool) -> _Inputs:
         deltas = _full_deltas(adapter, base_weights)
         kv.append({k: v for k, v in deltas.items() if k in base_weights})
         other.append({k: v for k, v in deltas.items() if k not in base_weights})
+    if any(other) and not as_lora:
+        raise AdapterkitError(
+            "some LoRA inputs change modules outside attn2 K/V (trained with --targets attn), which a Custom Diffusion "
+            "adapter cannot hold; pass --as-lora"
+        )
     return _Inputs(loaded, base_weights, kv, other)
 
 
 def _full_deltas(adapter: Adapter, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Module -> dW_i in float64, products formed in float64 (the method's delta_weights: W_i - W0, scale * B A, ...)."""
     return adapter.delta_weights(base_weights, dtype=torch.float64)
+
+
+def _text_features(base: Base, inputs: _Inputs, reg_prompts, positions: str, quiet: bool):
+    """(regularization prompts, their Gram matrix, its row count, the tasks' target rows) (features.py, lsq.py)."""
+    prompts = features.read_prompts(reg_prompts) if not isinstance(reg_prompts, list) else sorted(set(reg_prompts) | {""})
+    gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet)
+    text_features = features.instruction_features(base, [t for a in inputs.adapters for t in a.instructions], positions, quiet=quiet)
+    targets = lsq.build_targets(text_features, [a.instructions for a in inputs.adapters], [a.task for a in inputs.adapters])
+    return prompts, gram, reg_rows, targets
+
+
+def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, gram):
+    """(K/V deltas, K/V factors or None, other modules' deltas, solve info) of the merge `spec` with `options`."""
+    if spec.family == "lsq":
+        kv_factors, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options.ridge, options.target_weight)
+        kv_deltas = {name: b @ a for name, (b, a) in kv_factors.items()}
+        other = baselines.combine(options.other_modules, inputs.other) if any(inputs.other) else {}
+        return kv_deltas, kv_factors, other, solve_info
+    all_deltas = [{**kv, **other} for kv, other in zip(inputs.kv, inputs.other)]
+    merged = baselines.combine(spec.name, all_deltas, options.weights, options.density, options.seed, options.rank)
+    kv_deltas = {k: v for k, v in merged.items() if k in inputs.base_weights}
+    other = {k: v for k, v in merged.items() if k not in inputs.base_weights}
+    return kv_deltas, None, other, {}
 
 
 def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, target_weight):
