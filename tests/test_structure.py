@@ -162,3 +162,19 @@ def test_no_branch_on_a_method_name_outside_adapters(name):
     found = [node.lineno for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8")))
              if isinstance(node, ast.Compare) and any(is_method(x) for x in [node.left, *node.comparators])]
     assert not found, f"{name} compares against an adapter method name at line(s) {found}"
+
+
+def test_import_and_help_load_no_torch():
+    """`import adapterkit` and `adapterkit --help` stay fast: the API is re-exported lazily, the CLI imports each
+    command's library inside the command."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, adapterkit, adapterkit.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    helped = subprocess.run([sys.executable, "-X", "importtime", "-m", "adapterkit", "--help"], capture_output=True,
+                            text=True, env=env, check=True)
+    assert "Usage" in helped.stdout and "torch" not in helped.stderr
