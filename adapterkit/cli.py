@@ -234,10 +234,10 @@ def _train_options(f):
     import types
     import typing
 
-    from .train.config import FIELDS, _HINTS
+    from .train.config import FIELDS, HINTS
 
     for name, field_ in reversed(list(FIELDS.items())):
-        meta, hint = field_.metadata, _HINTS[name]
+        meta, hint = field_.metadata, HINTS[name]
         flag = "--" + (meta["flag"] or name).replace("_", "-")
         # Unwrap only Optional[X] / X | None: tuple[str, ...] has args too, but is itself the kind (repeatable flag).
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)

@@ -97,8 +97,8 @@ class TrainConfig:
             flags = ", ".join("--" + name.replace("_", "-") for name in missing)
             raise AdapterkitError(f"missing required setting(s) {flags}; pass them as flags or in the --config file")
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _HINTS[f.name])
-            if float in typing.get_args(_HINTS[f.name]) + (_HINTS[f.name],) and isinstance(getattr(self, f.name), int):
+            _check_type(f.name, getattr(self, f.name), HINTS[f.name])
+            if float in typing.get_args(HINTS[f.name]) + (HINTS[f.name],) and isinstance(getattr(self, f.name), int):
                 object.__setattr__(self, f.name, float(getattr(self, f.name)))  # TOML `learning_rate = 1` -> 1.0
             choices = f.metadata.get("choices")
             choices = choices() if callable(choices) else choices
@@ -156,7 +156,7 @@ class TrainConfig:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
+HINTS = typing.get_type_hints(TrainConfig)  # field -> its type: the CLI builds each flag's type from it
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
