@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from .errors import AdapterkitError
+from .errors import AdapterkitError, first_line
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.0
@@ -30,7 +30,7 @@ def open_image(path: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise AdapterkitError(f"image {path} is too large (over {MAX_IMAGE_PIXELS} pixels); downscale it first") from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise AdapterkitError(f"cannot read image {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise AdapterkitError(f"cannot read image {path} ({first_line(e)})") from e
 
 
 def read_rgb(source) -> Image.Image:

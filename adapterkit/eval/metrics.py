@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import AdapterkitError
+from ..errors import AdapterkitError, first_line
 
 MAX_PSNR = 100.0
 SSIM_SIGMA = 1.5
@@ -158,7 +158,7 @@ class ClipScorer:
         except (OSError, ValueError) as e:
             where = "folder" if os.path.isdir(name_or_path) else "hub id (is it cached for offline use?)"
             raise AdapterkitError(
-                f"cannot load the CLIP model '{name_or_path}' as a {where}: {_first_line(e)}; pass a CLIP checkpoint "
+                f"cannot load the CLIP model '{name_or_path}' as a {where}: {first_line(e)}; pass a CLIP checkpoint "
                 "with its tokenizer and preprocessor_config.json"
             ) from e
         # transformers 5: a hub tokenizer loaded offline can come back empty (vocabulary size 2) instead of failing
@@ -229,10 +229,6 @@ def load_lpips() -> tuple[LpipsScorer | None, str | None]:
     try:
         model = lpips.LPIPS(net="alex", verbose=False).eval()
     except Exception as e:  # noqa: BLE001 - any failure to fetch or read weights means: skip the metric
-        return None, f"skipped: LPIPS weights did not load ({type(e).__name__}: {_first_line(e)})"
+        return None, f"skipped: LPIPS weights did not load ({type(e).__name__}: {first_line(e)})"
     return LpipsScorer(model), None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
