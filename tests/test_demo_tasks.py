@@ -161,3 +161,30 @@ def test_demo_data_writes_several_tasks_into_one_folder(tmp_path):
     assert len(dataset) == 2
     example = tasks.make_example("cartoonize", 1, 0, 64, split="eval")
     assert np.array_equal(np.asarray(Image.open(os.path.join(out, "edited", "cartoonize-00001.png"))), example.target)
+
+
+def test_rain_mask_replays_the_streaks_of_the_row():
+    """The derain measure's mask (issue 12) is where the generator drew rain: the input differs from the target
+    there, and much less elsewhere."""
+    for i in range(3):
+        ex = tasks.make_example("derain", i, split="eval")
+        mask = tasks.rain_mask(i, split="eval")
+        diff = np.abs(ex.input.astype(np.float32) - ex.target.astype(np.float32)).mean(-1)
+        assert 0.02 < mask.mean() < 0.5
+        assert diff[mask].mean() > 3 * diff[~mask].mean()
+
+
+def test_outline_f1_and_masked_psnr_measure_the_task():
+    from adapterkit.demo import measures
+
+    ex = tasks.make_example("cartoonize", 0, split="eval")
+    assert measures.outline_f1(ex.target, ex.target) == 1.0
+    assert measures.outline_f1(ex.input, ex.target) < 0.6  # the photograph has few of the drawn outlines
+    blank = np.full_like(ex.target, 200)
+    assert measures.outline_f1(blank, ex.target) == 0.0
+    rain = tasks.make_example("derain", 0, split="eval")
+    mask = tasks.rain_mask(0, split="eval")
+    assert measures.masked_psnr(rain.target, rain.target, mask) == 100.0
+    assert measures.masked_psnr(rain.input, rain.target, mask) < tasks.psnr(rain.input, rain.target) - 3
+    with pytest.raises(ValueError):
+        measures.masked_psnr(rain.input, rain.target, np.zeros_like(mask))
