@@ -162,13 +162,17 @@ def _from_pretrained(path: str, name: str, dtype: torch.dtype, convert_sd15: boo
         ) else None
         if unet_in is None:
             raise AdapterkitError(f"'{name}' has no unet/config.json; pass a Stable Diffusion or IP2P pipeline folder")
-        if unet_in == 4 and not convert_sd15:
+        latent = _latent_channels(path)
+        if unet_in == latent and not convert_sd15:
             raise AdapterkitError(
-                f"'{name}' is a text-to-image pipeline ({class_name}, 4-channel UNet), not InstructPix2Pix; "
+                f"'{name}' is a text-to-image pipeline ({class_name}, {unet_in}-channel UNet), not InstructPix2Pix; "
                 "convert it with `adapterkit convert-base` or pass convert_sd15=True"
             )
-        if unet_in not in (4, 8):
-            raise AdapterkitError(f"'{name}' has a {unet_in}-channel UNet; an IP2P base needs 8 input channels")
+        if unet_in not in (latent, 2 * latent):
+            raise AdapterkitError(
+                f"'{name}' has a {unet_in}-channel UNet; an IP2P base needs {2 * latent} input channels "
+                f"(noisy latent + image latent, {latent} each)"
+            )
     pipeline_class = StableDiffusionPipeline if convert_sd15 else StableDiffusionInstructPix2PixPipeline
     try:
         pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
@@ -181,9 +185,16 @@ def _from_pretrained(path: str, name: str, dtype: torch.dtype, convert_sd15: boo
         ) from e
     if convert_sd15:
         return convert_sd15_to_ip2p(pipe) if pipe.unet.config.in_channels == 4 else _as_ip2p(pipe)
-    if pipe.unet.config.in_channels != 8:
-        raise AdapterkitError(f"base '{name}' has a {pipe.unet.config.in_channels}-channel UNet; IP2P needs 8")
+    needed = 2 * pipe.vae.config.latent_channels  # IP2P: noisy latent + image latent
+    if pipe.unet.config.in_channels != needed:
+        raise AdapterkitError(f"base '{name}' has a {pipe.unet.config.in_channels}-channel UNet; IP2P needs {needed}")
     return pipe
+
+
+def _latent_channels(path: str) -> int:
+    """The VAE's latent channels as its config states them (4 for Stable Diffusion 1.x/2.x)."""
+    vae_config = os.path.join(path, "vae", "config.json")
+    return int(_read_json(vae_config).get("latent_channels", 4)) if os.path.isfile(vae_config) else 4
 
 
 def _check_tokenizer(pipe, name: str) -> None:

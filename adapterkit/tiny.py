@@ -39,8 +39,8 @@ def _byte_chars() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
-    """Token -> id, and BPE merges that build each word of TINY_WORDS left to right ("d e", "de r", ...).
+def tiny_vocab_and_merges(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str, int], list[str]]:
+    """Token -> id, and BPE merges that build each of `words` left to right ("d e", "de r", ...).
 
     Special tokens come last, as in CLIP, so the end-of-text token has the highest id.
     """
@@ -48,7 +48,7 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     for ch in _byte_chars():
         tokens += [ch, ch + "</w>"]
     merges: list[str] = []
-    for word in sorted(TINY_WORDS, key=len, reverse=True):  # longest first: their merges rank first
+    for word in sorted(words, key=len, reverse=True):  # longest first: their merges rank first
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         prefix = pieces[0]
         for piece in pieces[1:]:
@@ -59,10 +59,10 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, list(dict.fromkeys(merges))
 
 
-def write_tiny_vocab(folder: str) -> tuple[str, str]:
+def write_tiny_vocab(folder: str, words: tuple[str, ...] = TINY_WORDS) -> tuple[str, str]:
     """Write vocab.json and merges.txt into `folder`; return their paths."""
     os.makedirs(folder, exist_ok=True)
-    vocab, merges = tiny_vocab_and_merges()
+    vocab, merges = tiny_vocab_and_merges(words)
     vocab_path = os.path.join(folder, "vocab.json")
     merges_path = os.path.join(folder, "merges.txt")
     with open(vocab_path, "w", encoding="utf-8") as f:
@@ -72,11 +72,12 @@ def write_tiny_vocab(folder: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def make_tiny_tokenizer():
+def make_tiny_tokenizer(words: tuple[str, ...] = TINY_WORDS):
+    """A CLIPTokenizer whose whole-word tokens are `words` (default TINY_WORDS); other text goes by characters."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_path, merges_path = write_tiny_vocab(tmp)
+        vocab_path, merges_path = write_tiny_vocab(tmp, words)
         return CLIPTokenizer(vocab_path, merges_path, model_max_length=77)
 
 
