@@ -37,10 +37,14 @@ class Recipe:
 # - derain needs a full-rank (32 = text width) LoRA on K/V and batch 32: rank 8 or batch 8 stall near +1-1.7 dB,
 #   lr 5e-3 diverges, a constant lr swings +1.8..+2.4 dB between 400 and 600 steps; cosine decay settles it.
 # - cartoonize is easier: Custom Diffusion, constant lr 1e-3, 300 steps of batch 32: +3.0 dB (cosine: +2.2).
-DEMO_TASKS = {
+# - denoise and lowlight (bench/tiny_tasks.py only, not in the demo): the derain and cartoonize recipes, untuned.
+TASK_RECIPES = {
     "derain": Recipe("lora", steps=400, batch_size=32, learning_rate=3e-3, rank=32),
     "cartoonize": Recipe("custom-diffusion", steps=300, batch_size=32, learning_rate=1e-3, lr_scheduler="constant"),
+    "denoise": Recipe("lora", steps=400, batch_size=32, learning_rate=3e-3, rank=32),
+    "lowlight": Recipe("custom-diffusion", steps=300, batch_size=32, learning_rate=1e-3, lr_scheduler="constant"),
 }
+DEMO_TASKS = {task: TASK_RECIPES[task] for task in ("derain", "cartoonize")}
 # Instructions never stored in an adapter: routing must generalise to them, or fall back to the base.
 ROUTING_PROBES = ("derain the image", "cartoonize it", "please remove the rain", "make it a cartoon drawing",
                   "make it brighter", "invert the colors")
@@ -60,6 +64,21 @@ class DemoSettings:
     merge_method: str = "lsq-soft"
     merge_positions: str = "all"
     seed: int = 0
+
+
+def train_task_adapter(base: str, task: str, data: str, output: str, recipe: Recipe, steps: int | None = None,
+                       seed: int = 0, quiet: bool = False):
+    """Train one held-out task's adapter with its recipe on a procedural dataset folder; return the Adapter."""
+    from ..train import TrainConfig, train
+    from .tasks import get_task
+
+    cfg = TrainConfig(
+        base=base, data=data, method=recipe.method, task=task, output=output,
+        instructions=tuple(get_task(task).instructions), steps=steps or recipe.steps, batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate, lr_scheduler=recipe.lr_scheduler, rank=recipe.rank, optimizer="adamw",
+        cache_latents=True, validation_steps=0, checkpoint_steps=0, log_with="none", seed=seed, quiet=quiet,
+    )
+    return train(cfg)
 
 
 def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSettings(), quiet: bool = False) -> dict:
@@ -88,6 +107,7 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
         "base": {"name": settings.base, "fingerprint": base.fingerprint, "resolution": base.resolution},
         "settings": settings.__dict__ | {"inference_steps": steps, **guidance},
         "tasks": _task_summary(evaluation.report, trained, merges),
+        "task_measures": _task_measures(output, evaluation.report, settings.seed, base.resolution),
         "phase_seconds": phases,
         "merge": merge_reports,
         "bank": bank_figures,
@@ -114,21 +134,9 @@ def _write_datasets(output: str, settings: DemoSettings, resolution: int, quiet:
 
 
 def _train_adapters(output: str, folders: dict, settings: DemoSettings, quiet: bool):
-    from ..train import TrainConfig, train
-    from .tasks import get_task
-
-    trained = {}
-    for task, recipe in DEMO_TASKS.items():
-        cfg = TrainConfig(
-            base=settings.base, data=folders[task], method=recipe.method, task=task,
-            output=os.path.join(output, "adapters", task), instructions=tuple(get_task(task).instructions),
-            steps=settings.train_steps or recipe.steps, batch_size=recipe.batch_size,
-            learning_rate=recipe.learning_rate, lr_scheduler=recipe.lr_scheduler, rank=recipe.rank,
-            optimizer="adamw", cache_latents=True, validation_steps=0, checkpoint_steps=0, log_with="none",
-            seed=settings.seed, quiet=quiet,
-        )
-        trained[task] = train(cfg)
-    return trained
+    return {task: train_task_adapter(settings.base, task, folders[task], os.path.join(output, "adapters", task), recipe,
+                                     settings.train_steps, settings.seed, quiet)
+            for task, recipe in DEMO_TASKS.items()}
 
 
 def _merge_adapters(output: str, base, trained: dict, settings: DemoSettings, quiet: bool):
@@ -200,6 +208,35 @@ def _task_summary(report: dict, trained: dict, merges: dict) -> dict:
     return out
 
 
+def _task_measures(output: str, report: dict, seed: int, resolution: int) -> dict:
+    """Per task and column, the task's own measure over the saved PNGs (derain: PSNR on the rain pixels of each
+    row's streak mask; cartoonize: outline F1), so the figures say whether the task itself was done."""
+    import numpy as np
+
+    from ..inference import open_image
+    from . import measures
+    from .tasks import rain_mask
+
+    out = {}
+    for task, section in report["tasks"].items():
+        if task not in ("derain", "cartoonize"):
+            continue
+        folder = os.path.join(output, "images", section["folder"])
+        rows = sorted(int(name[:-4]) for name in os.listdir(os.path.join(folder, "target")))
+        read = lambda column, row: np.asarray(open_image(os.path.join(folder, column, f"{row}.png")))  # noqa: E731
+        figures = {}
+        for column in section["metrics"]:
+            if not os.path.isdir(os.path.join(folder, column)):
+                continue
+            if task == "derain":
+                values = [measures.masked_psnr(read(column, r), read("target", r), rain_mask(r, seed, resolution)) for r in rows]
+            else:
+                values = [measures.outline_f1(read(column, r), read("target", r)) for r in rows]
+            figures[column] = float(np.mean(values))
+        out[task] = {"measure": "rain_psnr" if task == "derain" else "outline_f1", "columns": figures}
+    return out
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"{'task':<11} {'method':<17} {'base':>6} {'adapter':>8} {'gain':>6} {'lsq':>6} {'ret.lsq':>8} "
              f"{'linear':>7} {'ret.lin':>8}"]
@@ -208,6 +245,9 @@ def format_summary(summary: dict) -> str:
             f"{task:<11} {row['method']:<17} {row['psnr_base']:6.2f} {row['psnr_adapter']:8.2f} {row['gain_db']:+6.2f} "
             f"{row['psnr_lsq']:6.2f} {_pct(row['retention_lsq']):>8} {row['psnr_linear']:7.2f} {_pct(row['retention_linear']):>8}"
         )
+    for task, m in summary.get("task_measures", {}).items():
+        label = "PSNR on rain pixels (dB)" if m["measure"] == "rain_psnr" else "outline F1"
+        lines.append(f"{task} {label}: " + ", ".join(f"{c} {v:.2f}" for c, v in m["columns"].items()))
     bank = summary["bank"]
     swaps = ", ".join(f"{t} {ms:.2f} ms" for t, ms in bank["swap_ms"].items())
     lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base); "

@@ -1,0 +1,155 @@
+"""The bundled base's task table: four held-out tasks learned by adapters, merged, routed (issue 12's figures).
+
+    python bench/tiny_tasks.py                 # all four tasks, 16 held-out rows each (~15-25 min on 2 cores)
+    python bench/tiny_tasks.py --rows 4 --steps 2 --tasks derain cartoonize   # a smoke run
+
+For each of derain, cartoonize, denoise and lowlight: train the task's adapter with its recipe
+(`adapterkit.demo.run.TASK_RECIPES`) on 256 procedural training rows; on held-out rows (crops of photographs
+training never sees) score the base, the adapter, the least-squares merge at adapterkit's defaults
+(`merge(..., method="lsq")`: exact constraints at positions 1..EOS of every stored phrasing) and the plain
+average (linear), for the demo's two tasks and for all four. Columns: PSNR and SSIM to the target, the task's own
+measure (derain: PSNR on the rain pixels; cartoonize: outline F1), retention = (merge - base) / (adapter - base).
+Rows are scored twice: with stored phrasings, and with phrasings never stored in any adapter ("unseen").
+Routing: >= 40 probe instructions (unseen phrasings of the four tasks, general edits, unrelated text) through an
+AdapterBank holding the four adapters; a probe is right when it reaches its task, or the base for the others.
+Prints JSON, then tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
+
+from common import emit, machine  # noqa: E402
+
+
+def _score_rows(bank, task_key, examples, task, cfg, masks) -> dict:
+    """Edit `examples` with `task_key` active (None: the base) in batches; mean PSNR, SSIM and the task measure."""
+    from PIL import Image
+
+    from adapterkit.demo import measures
+    from adapterkit.eval.metrics import psnr, ssim
+
+    bank.activate(task_key)
+    outputs = []
+    for start in range(0, len(examples), 8):
+        batch = examples[start : start + 8]
+        with torch.no_grad():
+            out = bank.pipe(prompt=[e.instruction for e in batch], image=[Image.fromarray(e.input) for e in batch],
+                            num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance"],
+                            image_guidance_scale=cfg["image_guidance"], output_type="np",
+                            generator=torch.Generator("cpu").manual_seed(start)).images
+        outputs += [np.round(np.clip(o, 0, 1) * 255).astype(np.uint8) for o in out]
+    row = {"psnr": float(np.mean([psnr(o, e.target) for o, e in zip(outputs, examples)])),
+           "ssim": float(np.mean([ssim(o, e.target) for o, e in zip(outputs, examples)]))}
+    if task == "derain":
+        row["rain_psnr"] = float(np.mean([measures.masked_psnr(o, e.target, m) for o, e, m in zip(outputs, examples, masks)]))
+    if task == "cartoonize":
+        row["outline_f1"] = float(np.mean([measures.outline_f1(o, e.target) for o, e in zip(outputs, examples)]))
+    return row
+
+
+def _retention(merged: float, adapter: float, base: float) -> float | None:
+    gain = adapter - base
+    return None if abs(gain) < 0.3 else (merged - base) / gain  # a ratio over a gain within the rows' noise means nothing
+
+
+def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str, work: str, quiet: bool) -> dict:
+    from adapterkit import AdapterBank, load_base, merge
+    from adapterkit.demo import tasks
+    from adapterkit.demo.run import TASK_RECIPES, train_task_adapter
+
+    base = load_base(base_name)
+    cfg = {"steps": int(base.info.get("default_steps", 20)), "guidance": float(base.info.get("default_guidance", 7.0)),
+           "image_guidance": float(base.info.get("default_image_guidance", 1.5))}
+    timings, adapters = {}, {}
+    for task in tasks_:
+        start = time.perf_counter()
+        folder = tasks.write_task_dataset(task, os.path.join(work, f"{task}-train"), n=256, resolution=base.resolution, quiet=True)
+        adapters[task] = train_task_adapter(base_name, task, folder, os.path.join(work, "adapters", task),
+                                            TASK_RECIPES[task], steps=steps_override, quiet=quiet)
+        timings[f"train_{task}"] = round(time.perf_counter() - start, 1)
+    groups = {"two": tasks_[:2], "all": tasks_} if len(tasks_) > 2 else {"two": tasks_}
+    merged = {}
+    for group, names in groups.items():
+        for method in ("lsq", "linear"):
+            key = f"{method}-{group}"
+            result = merge([adapters[t] for t in names], base, method=method, task=key, quiet=True)
+            merged[key] = (result.adapter, names)
+    bank = AdapterBank(base)
+    for adapter in list(adapters.values()) + [m for m, _ in merged.values()]:
+        bank.add(adapter)
+    bank.prepare()
+    table = {}
+    for task in tasks_:
+        for phrasing in ("stored", "unseen"):
+            examples = tasks.make_examples(task, rows, resolution=base.resolution, split="eval", unseen=phrasing == "unseen")
+            masks = [tasks.rain_mask(i, resolution=base.resolution) for i in range(rows)] if task == "derain" else None
+            columns = {"base": None, "adapter": task} | {k: k for k, (_, names) in merged.items() if task in names}
+            scores = {c: _score_rows(bank, key, examples, task, cfg, masks) for c, key in columns.items()}
+            for c in list(scores):
+                if c not in ("base", "adapter"):
+                    scores[c]["retention"] = _retention(scores[c]["psnr"], scores["adapter"]["psnr"], scores["base"]["psnr"])
+            table[f"{task}/{phrasing}"] = scores
+    bank.close()
+    routing_bank = AdapterBank(base)  # routing targets: the task adapters only (a merge stores every task's phrasings)
+    for adapter in adapters.values():
+        routing_bank.add(adapter)
+    routing = _routing(routing_bank, tasks_)
+    routing_bank.close()
+    return {"bench": "tiny_tasks", "machine": machine(), "base": base_name, "rows_per_task": rows, "sampler": cfg,
+            "seconds": timings, "scores": table, "routing": routing}
+
+
+def _routing(bank, tasks_: list[str]) -> dict:
+    from adapterkit.demo import tasks
+
+    probes = [(p, t) for t in tasks_ for p in tasks.TASKS[t].unseen_instructions]
+    probes += [(p, None) for t in tasks.GENERAL_TASKS for p in tasks.TASKS[t].unseen_instructions]
+    probes += [(tasks.TASKS[t].instructions[0], None) for t in tasks.GENERAL_TASKS[:8]]
+    probes += [(p, None) for p in tasks.UNRELATED_INSTRUCTIONS]
+    rows = []
+    for text, expected in probes:
+        got, cosine = bank.route(text)
+        rows.append({"instruction": text, "expected": expected or "base", "routed": got or "base",
+                     "cosine": round(float(cosine), 3), "right": got == expected})
+    return {"probes": len(rows), "right": sum(r["right"] for r in rows),
+            "accuracy": sum(r["right"] for r in rows) / len(rows), "threshold": bank.route_threshold, "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", default="builtin:tiny")
+    parser.add_argument("--tasks", nargs="+", default=["derain", "cartoonize", "denoise", "lowlight"])
+    parser.add_argument("--rows", type=int, default=16, help="held-out rows per task")
+    parser.add_argument("--steps", type=int, help="override every recipe's optimizer steps (smoke runs)")
+    parser.add_argument("--work", help="folder for datasets and adapters (default: a temporary folder)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.tasks, args.rows, args.steps, args.base, args.work or tmp, args.quiet)
+    table = []
+    for key, scores in result["scores"].items():
+        for column, s in scores.items():
+            table.append({"task/phrasing": key, "column": column, "psnr": s["psnr"], "ssim": s["ssim"],
+                          "rain_psnr": s.get("rain_psnr"), "outline_f1": s.get("outline_f1"),
+                          "retention": s.get("retention")})
+    emit(result, table, ["task/phrasing", "column", "psnr", "ssim", "rain_psnr", "outline_f1", "retention"])
+    r = result["routing"]
+    print(f"\nrouting: {r['right']} of {r['probes']} probes right ({100 * r['accuracy']:.0f}%), threshold {r['threshold']}")
+    for row in r["rows"]:
+        if not row["right"]:
+            print(f"  wrong: '{row['instruction']}' -> {row['routed']} (expected {row['expected']}, cosine {row['cosine']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
