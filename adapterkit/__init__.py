@@ -10,6 +10,7 @@ import sys
 import types
 
 from .compat import quiet_third_party_logs
+from .lazy import lazy_getattr
 
 quiet_third_party_logs()
 
@@ -31,14 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # once resolved, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 class _Package(types.ModuleType):

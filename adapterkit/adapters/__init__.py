@@ -7,6 +7,8 @@ the bank are imported on first use (module `__getattr__`), so `adapterkit --help
 
 from __future__ import annotations
 
+from ..lazy import lazy_getattr
+
 from .registry import get_method, method_names, register_method, unregister_method
 
 _LAZY = {
@@ -22,14 +24,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value  # once resolved, a plain attribute
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = ["get_method", "method_names", "register_method", "unregister_method", *_LAZY]

@@ -7,19 +7,14 @@ registry does not load torch.
 
 from __future__ import annotations
 
+from ..lazy import lazy_getattr
+
 from .methods import METHODS, OTHER_MODULE_METHODS, MergeOptions  # noqa: F401  (torch-free)
 
 _LAZY = {"merge": ".run", "MergeResult": ".run", "fuse_into_pipeline": ".run"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = ["METHODS", "MergeOptions", "OTHER_MODULE_METHODS", *_LAZY]

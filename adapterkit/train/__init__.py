@@ -6,17 +6,12 @@ its options, and that must not load torch.
 
 from __future__ import annotations
 
+from ..lazy import lazy_getattr
+
 _LAZY = {"TrainConfig": ".config", "train": ".loop"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = ["TrainConfig", "train"]
