@@ -286,9 +286,25 @@ def _open_source(source: str, split: str):
             f"{source} is neither a folder with metadata.jsonl (or {split}/metadata.jsonl) nor a datasets.save_to_disk "
             "folder; see the README for the dataset format"
         )
-    if os.path.exists(source) or source.startswith(("/", "./", "../", "~")):
+    if os.path.exists(source):
         raise AdapterkitError(f"dataset {source} is not a folder; pass a dataset folder or a hub dataset id")
+    if looks_like_path(source):  # issue 19: a mistyped folder went to the hub (5 retries, 28 s) before failing
+        raise AdapterkitError(
+            f"dataset {source} is not a folder (nothing at {os.path.abspath(os.path.expanduser(source))}) and, being a "
+            "path, is not looked up on the hub; check --data"
+        )
     return _DatasetsTable(_load_from_hub(source, split))
+
+
+def looks_like_path(source: str) -> bool:
+    """Is `source` meant as a local path rather than a hub id (`name` or `owner/name`)?
+
+    Yes when it starts with `.`, `/` or `~`, holds a backslash, more than one `/` or a trailing `/`, or when its
+    first component is an existing local folder (`data/derain` with `data/` here). `owner/name` otherwise goes to the hub.
+    """
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or source.endswith("/"):
+        return True
+    return "/" in source and os.path.isdir(source.split("/", 1)[0])
 
 
 def _load_from_disk(path: str, split: str):

@@ -140,6 +140,42 @@ def test_hub_id_offline_is_a_clear_error():
         load_edit_dataset("nobody-here/no-such-dataset-adapterkit")
 
 
+def test_missing_local_path_is_refused_without_the_hub_issue_19(tmp_path, monkeypatch):
+    """A mistyped folder used to go to the hub (5 retries, 28 s); path-like values are refused at once."""
+    import adapterkit.data as data_module
+
+    asked = []
+    monkeypatch.setattr(data_module, "_load_from_hub", lambda name, split: asked.append(name) or [][0])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source in ("data/nosuch", "./nosuch", "../nosuch", "~/nosuch-adapterkit", "a/b/c", "nosuch/", str(tmp_path / "x")):
+        with pytest.raises(AdapterkitError, match=r"is not a folder \(nothing at .*\) and, being a path, is not looked up on the hub") as info:
+            load_edit_dataset(source)
+        assert source in str(info.value) and "\n" not in str(info.value)
+    assert asked == []
+    for hub_id in ("owner/name", "name"):  # no local folder 'owner': a hub id
+        with pytest.raises(IndexError):
+            load_edit_dataset(hub_id)
+    assert asked == ["owner/name", "name"]
+
+
+def test_cli_train_with_a_mistyped_data_path_exits_2_at_once_issue_19(tmp_path, monkeypatch):
+    import time
+
+    from click.testing import CliRunner
+
+    from adapterkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["train", "--base", "builtin:tiny-random", "--data", "data/nosuch", "--method", "lora",
+                                       "--task", "derain", "--output", "out", "--quiet"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "data/nosuch is not a folder" in result.output and time.perf_counter() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
+
+
 def test_paired_transform_same_crop_and_flip_for_input_and_target():
     rng = np.random.RandomState(0)
     arr = rng.randint(0, 256, (40, 60, 3), dtype=np.uint8)
