@@ -116,6 +116,27 @@ def test_split_folders_and_errors(tmp_path):
         load_edit_dataset(str(tmp_path / "missing"))
 
 
+def test_a_folder_holds_the_split_its_task_json_names_issue_19(tmp_path):
+    """demo-data --split eval writes one top-level split named in task.json: --split eval reads it, the default
+    --split train reads it too and says which split it was, any other split is refused naming the rule."""
+    from adapterkit.data import SPLIT_INFO_FILE
+    from adapterkit.demo.tasks import DATASET_INFO_FILE
+
+    assert SPLIT_INFO_FILE == DATASET_INFO_FILE
+    folder = make_edit_dataset(tmp_path / "eval", 2, size=8)
+    (tmp_path / "eval" / SPLIT_INFO_FILE).write_text(json.dumps({"task": "invert", "split": "eval"}))
+    for asked in ("eval", "train"):
+        dataset = load_edit_dataset(folder, split=asked)
+        assert (len(dataset), dataset.split, dataset.source_rows) == (2, "eval", 2)
+        assert dataset.read_from == str(tmp_path / "eval" / "metadata.jsonl")
+    with pytest.raises(AdapterkitError, match=r"holds one split, 'eval' .*task.json names it 'eval'\); pass --split eval"):
+        load_edit_dataset(folder, split="test")
+    plain = make_edit_dataset(tmp_path / "plain", 2, size=8)  # no task.json: imagefolder's rule, the train split
+    assert load_edit_dataset(plain).split == "train"
+    with pytest.raises(AdapterkitError, match=r"holds one split, 'train' .*top-level metadata.jsonl is the train split"):
+        load_edit_dataset(plain, split="eval")
+
+
 def test_save_to_disk_folder_with_image_columns(tmp_path):
     import datasets
 
