@@ -274,8 +274,10 @@ def train_command(config_file, **flags):
     except TrainingInterrupted as e:
         click.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
-    final = adapter.training.get("final_loss")
+    final, rows = adapter.training.get("final_loss"), adapter.training["rows"]
     click.echo(f"{adapter.method} adapter '{adapter.task}' -> {adapter.path}" + (f" (final loss {final:.4f})" if final is not None else ""))
+    click.echo(f"rows: {rows['training']} for training ({rows['skipped']} skipped as unreadable), {rows['held_out']} held "
+               f"out for validation, of {rows['in_data']} in the data")
 
 
 # --- demo command (issue 6) ---
