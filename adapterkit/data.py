@@ -160,18 +160,9 @@ def load_edit_dataset(
     if not rows:
         raise AdapterkitError(f"dataset {source} (split {split}) has no rows")
     return EditDataset(
-        source=source,
-        columns=table.columns,
-        input_column=names[0],
-        target_column=names[1],
-        instruction_column=names[2],
-        rows=rows,
-        instructions=[instructions[r] for r in rows],
-        _read=table.read,
-        dropped=dropped,
-        source_rows=table.num_rows,
-        split=table.split,
-        read_from=table.read_from,
+        source=source, columns=table.columns, input_column=names[0], target_column=names[1], instruction_column=names[2],
+        rows=rows, instructions=[instructions[r] for r in rows], _read=table.read, dropped=dropped,
+        source_rows=table.num_rows, split=table.split, read_from=table.read_from,
     )
 
 

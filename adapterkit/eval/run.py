@@ -220,8 +220,7 @@ def evaluate(
     data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,
                     "instruction_column": instruction_column, "split": split}
     loaded = base if isinstance(base, Base) else load_base(base, device=device)
-    resolution = resolution or loaded.resolution
-    dataset = open_rows(data, data_options, instructions)
+    resolution, dataset = resolution or loaded.resolution, open_rows(data, data_options, instructions)
     rows, left_out = load_rows(dataset, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
     tasks = [t for t in tasks if t in rows]
     scorers = load_scorers(clip_model, device or "cpu")
@@ -238,8 +237,7 @@ def evaluate(
     finally:
         bank.close()  # the caller's Base is left as it came (no live LoRA slot): it can be evaluated again
     sections = _score_all(output, tasks, columns, rows, folders, scorers, quiet)
-    # issue 19: the split and file actually read (a demo-data eval folder read with the default --split train is
-    # labelled split eval), with the split asked for beside it
+    # issue 19: the split and file actually read (a demo-data eval folder read with the default --split train is split eval)
     read = {"split": dataset.split, "requested_split": split, "read_from": dataset.read_from}
     report = build_report(loaded, data, {**data_options, **read, "limit": limit, "task_rows": task_rows,
                                          "instructions": instructions}, settings, seed, columns, sections,
