@@ -274,8 +274,11 @@ def _adapter_label(task: str, row: dict, settings: dict) -> str:
     if recipe is None or recipe.method != row["method"]:
         return row["method"]
     steps = settings.get("train_steps") or recipe.steps
-    name = f"LoRA r{recipe.rank} on K/V" if recipe.method == "lora" else "Custom Diffusion"
-    return f"{name}, {steps} steps"
+    return f"{_METHOD_LABELS.get(recipe.method, recipe.method).format(rank=recipe.rank)}, {steps} steps"
+
+
+# Display names only (the recipes train K/V LoRAs: train_task_adapter keeps the default targets); no method code here.
+_METHOD_LABELS = {"lora": "LoRA r{rank} on K/V", "custom-diffusion": "Custom Diffusion"}
 
 
 def _merge_line(name: str, report: dict) -> str:
