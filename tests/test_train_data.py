@@ -166,7 +166,12 @@ def test_missing_local_path_is_refused_without_the_hub_issue_19(tmp_path, monkey
     import adapterkit.data as data_module
 
     asked = []
-    monkeypatch.setattr(data_module, "_load_from_hub", lambda name, split: asked.append(name) or [][0])
+
+    def hub(name, split):
+        asked.append(name)
+        raise LookupError("the hub was asked")
+
+    monkeypatch.setattr(data_module, "_load_from_hub", hub)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     for source in ("data/nosuch", "./nosuch", "../nosuch", "~/nosuch-adapterkit", "a/b/c", "nosuch/", str(tmp_path / "x")):
@@ -175,7 +180,7 @@ def test_missing_local_path_is_refused_without_the_hub_issue_19(tmp_path, monkey
         assert source in str(info.value) and "\n" not in str(info.value)
     assert asked == []
     for hub_id in ("owner/name", "name"):  # no local folder 'owner': a hub id
-        with pytest.raises(IndexError):
+        with pytest.raises(LookupError, match="the hub was asked"):
             load_edit_dataset(hub_id)
     assert asked == ["owner/name", "name"]
 

@@ -106,7 +106,7 @@ def test_adapter_folder_contents(trained, method):
 
 
 def test_rows_used_are_recorded_and_the_validation_grid_is_labelled_issue_19(trained):
-    adapter, _base, output = trained["lora"]
+    _adapter, _base, output = trained["lora"]
     rows = json.load(open(os.path.join(output, "adapter.json")))["training"]["rows"]
     assert {k: rows[k] for k in ("in_data", "selected", "held_out", "training", "skipped", "without_instruction")} == {
         "in_data": 12, "selected": 12, "held_out": 2, "training": 10, "skipped": 0, "without_instruction": 0}

@@ -257,8 +257,8 @@ def format_summary(summary: dict) -> str:
     lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base); "
               f"lsq = least-squares merge ({settings['merge_method']}, {settings['merge_positions']} "
               "token positions), linear = plain average.",
-              f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
-              "VAE latents and text features, --cache-latents), then takes its optimizer steps on the cache.",
+              (f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
+               "VAE latents and text features, --cache-latents), then takes its optimizer steps on the cache."),
               "merge: " + "; ".join(_merge_line(name, report) for name, report in summary.get("merge", {}).items()),
               f"hot-swap (median of 20): {swaps}; one edit: {bank['edit_ms']:.0f} ms",
               "routing: " + "; ".join(f"'{r['instruction']}' -> {r['task'] or 'base'} ({r['cosine']:.2f})" for r in bank["routing"]),

@@ -7,7 +7,6 @@ import os
 from ..fileio import atomic_file
 from .checkpoints import VALIDATION
 
-
 COLUMNS = ("input", "target", "output")  # left to right in every validation grid
 
 
