@@ -274,14 +274,17 @@ def train_command(config_file, **flags):
     except TrainingInterrupted as e:
         click.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
-    final = adapter.training.get("final_loss")
+    final, rows = adapter.training.get("final_loss"), adapter.training["rows"]
     click.echo(f"{adapter.method} adapter '{adapter.task}' -> {adapter.path}" + (f" (final loss {final:.4f})" if final is not None else ""))
+    click.echo(f"rows: {rows['training']} for training ({rows['skipped']} skipped as unreadable), {rows['held_out']} held "
+               f"out for validation, of {rows['in_data']} in the data")
 
 
 # --- demo command (issue 6) ---
 @main.command("demo")
 @click.option("--output", default="adapterkit-demo", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for datasets, adapters, merges, report.html, report.json, grids/ and demo.json.")
+              help="Folder for datasets, adapters, merges, report.html, report.json, grids/ and demo.json (relative to "
+                   "the current folder; the checkout's .gitignore ignores the default).")
 @click.option("--base", default="builtin:tiny", show_default=True, help="Base to run on (the bundled tiny base by default).")
 @click.option("--train-steps", default=None, type=click.IntRange(1), help="Optimizer steps per adapter (default: the demo's tuned value).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -291,4 +294,5 @@ def demo_command(output, base, train_steps, quiet):
 
     defaults = DemoSettings()
     settings = DemoSettings(base=base, train_steps=train_steps or defaults.train_steps)
+    click.echo(f"demo: writing to {os.path.abspath(output)}")
     click.echo(format_summary(run_demo(output, settings, quiet=quiet)))

@@ -45,6 +45,9 @@ TASK_KEYWORDS = {
     "cartoonize": ("cartoon",),
 }
 TASK_ALIASES = {"low-light": "lowlight", "enhance": "lowlight", "cartoonization": "cartoonize"}
+# A folder's description file; its "split" names the split a top-level metadata.jsonl holds. demo/tasks.py writes
+# it (DATASET_INFO_FILE there; a test checks the two names agree).
+SPLIT_INFO_FILE = "task.json"
 
 
 @dataclass
@@ -68,6 +71,9 @@ class EditDataset:
     _read: object = field(repr=False, default=None)  # callable(row, column) -> raw image value
     skipped: dict[int, str] = field(default_factory=dict)  # source row -> why it was unreadable
     dropped: dict[int, str] = field(default_factory=dict)  # source row -> why it was left out when loading
+    source_rows: int = 0  # rows of the split read, before the task selector, `limit` and dropped rows
+    split: str = "train"  # the split actually read (a folder's one split is named by its task.json, if any)
+    read_from: str = ""  # what was read: the metadata.jsonl file, or the save_to_disk folder / hub id
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -154,15 +160,9 @@ def load_edit_dataset(
     if not rows:
         raise AdapterkitError(f"dataset {source} (split {split}) has no rows")
     return EditDataset(
-        source=source,
-        columns=table.columns,
-        input_column=names[0],
-        target_column=names[1],
-        instruction_column=names[2],
-        rows=rows,
-        instructions=[instructions[r] for r in rows],
-        _read=table.read,
-        dropped=dropped,
+        source=source, columns=table.columns, input_column=names[0], target_column=names[1], instruction_column=names[2],
+        rows=rows, instructions=[instructions[r] for r in rows], _read=table.read, dropped=dropped,
+        source_rows=table.num_rows, split=table.split, read_from=table.read_from,
     )
 
 
@@ -202,8 +202,9 @@ def _resolve_columns(columns, source, preset, input_column, target_column, instr
 class _FolderTable:
     """metadata.jsonl rows; image columns are paths relative to the metadata file."""
 
-    def __init__(self, metadata: str):
+    def __init__(self, metadata: str, split: str):
         self.root = os.path.dirname(metadata)
+        self.split, self.read_from = split, metadata
         self.records = []
         with open(metadata, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
@@ -250,8 +251,9 @@ def _column_name(key: str) -> str:
 class _DatasetsTable:
     """A datasets.Dataset; image columns are read undecoded ({"bytes", "path"}) so bad files can be skipped."""
 
-    def __init__(self, ds):
+    def __init__(self, ds, split: str, read_from: str):
         self.ds = ds
+        self.split, self.read_from = split, read_from
         self.columns = list(ds.column_names)
         self.num_rows = len(ds)
         self._views = {}
@@ -275,20 +277,56 @@ def _open_source(source: str, split: str):
         split_metadata = os.path.join(source, split, "metadata.jsonl")
         top_metadata = os.path.join(source, "metadata.jsonl")
         if os.path.isfile(split_metadata):
-            return _FolderTable(split_metadata)
+            return _FolderTable(split_metadata, split)
         if os.path.isfile(top_metadata):
-            if split != "train":  # imagefolder: a top-level metadata.jsonl is the train split
-                raise AdapterkitError(f"{source} has only a train split (metadata.jsonl at its top); drop --split or add {split}/metadata.jsonl")
-            return _FolderTable(top_metadata)
+            return _FolderTable(top_metadata, _top_level_split(source, split))
         if any(os.path.isfile(os.path.join(source, n)) for n in ("dataset_dict.json", "state.json")):
-            return _DatasetsTable(_load_from_disk(source, split))
+            return _DatasetsTable(_load_from_disk(source, split), split, source)
         raise AdapterkitError(
             f"{source} is neither a folder with metadata.jsonl (or {split}/metadata.jsonl) nor a datasets.save_to_disk "
             "folder; see the README for the dataset format"
         )
-    if os.path.exists(source) or source.startswith(("/", "./", "../", "~")):
+    if os.path.exists(source):
         raise AdapterkitError(f"dataset {source} is not a folder; pass a dataset folder or a hub dataset id")
-    return _DatasetsTable(_load_from_hub(source, split))
+    if looks_like_path(source):  # issue 19: a mistyped folder went to the hub (5 retries, 28 s) before failing
+        raise AdapterkitError(
+            f"dataset {source} is not a folder (nothing at {os.path.abspath(os.path.expanduser(source))}) and, being a "
+            "path, is not looked up on the hub; check --data"
+        )
+    return _DatasetsTable(_load_from_hub(source, split), split, source)
+
+
+def _top_level_split(source: str, split: str) -> str:
+    """The one split of a folder whose metadata.jsonl is at its top: the `split` its task.json records (what
+    `adapterkit demo-data --split` writes), else "train" (datasets' imagefolder rule). Asking for "train" (the
+    default) reads it whatever its name; asking for another split than its own is refused, naming the rule."""
+    own = "train"
+    info = os.path.join(source, SPLIT_INFO_FILE)
+    if os.path.isfile(info):
+        try:
+            with open(info, encoding="utf-8") as f:
+                recorded = json.load(f).get("split")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        own = recorded if isinstance(recorded, str) and recorded else own
+    if split in (own, "train"):
+        return own
+    where = f"its {SPLIT_INFO_FILE} names it '{own}'" if own != "train" else "a top-level metadata.jsonl is the train split"
+    raise AdapterkitError(
+        f"{source} holds one split, '{own}' (metadata.jsonl at its top; {where}); pass --split {own}, or add "
+        f"{split}/metadata.jsonl for a '{split}' split"
+    )
+
+
+def looks_like_path(source: str) -> bool:
+    """Is `source` meant as a local path rather than a hub id (`name` or `owner/name`)?
+
+    Yes when it starts with `.`, `/` or `~`, holds a backslash, more than one `/` or a trailing `/`, or when its
+    first component is an existing local folder (`data/derain` with `data/` here). `owner/name` otherwise goes to the hub.
+    """
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or source.endswith("/"):
+        return True
+    return "/" in source and os.path.isdir(source.split("/", 1)[0])
 
 
 def _load_from_disk(path: str, split: str):

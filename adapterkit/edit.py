@@ -25,7 +25,7 @@ from .inference import open_image
 @dataclass
 class JobsResult:
     outputs: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # "line N: problem"
+    errors: list[str] = field(default_factory=list)  # "line N: problem", in file order
     swap_count: int = 0
 
 
@@ -37,12 +37,15 @@ def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, devi
     return bank
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output extension -> PIL format
+
+
 def save_png(image, path: str) -> None:
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".png", ".jpg", ".jpeg", ".webp"):
+    if ext not in IMAGE_FORMATS:
         raise AdapterkitError(f"output {path} must end in .png, .jpg or .webp")
     with atomic_file(path) as f:
-        image.save(f, format={".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[ext])
+        image.save(f, format=IMAGE_FORMATS[ext])
 
 
 def edit(
@@ -61,6 +64,12 @@ def edit(
     """
     if not images:
         raise AdapterkitError("no input image given; pass one or more image paths")
+    if len(images) > 1 and os.path.splitext(output)[1].lower() in IMAGE_FORMATS and not os.path.isdir(output):
+        # issue 19: this used to create a folder named like an image file, holding every result
+        raise AdapterkitError(
+            f"{len(images)} input images but --output {output} names one image file; pass a folder for the "
+            "results (each is <input stem>.png inside), or edit one image at a time"
+        )
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     bank = make_bank(base, list(adapters), force=force)
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
@@ -139,5 +148,7 @@ def edit_jobs(
             previous = bank.active
         result.outputs.append(target)
         records.append({"line": number, "image": row["image"], "instruction": row["instruction"], "adapter": bank.active, "output": os.path.basename(target)})
+    # File order (issue 19): rows rejected while reading the file were listed before rows that failed when edited.
+    result.errors.sort(key=lambda error: int(error.split(":", 1)[0].removeprefix("line ")))
     write_json(os.path.join(output, "results.json"), {"done": records, "errors": result.errors})
     return result

@@ -71,6 +71,40 @@ def test_jobs_mode_routes_swaps_and_reports_bad_rows_by_line(setup, tiny_base_di
     assert len(os.listdir(setup / "outs")) == 4  # three PNGs + results.json
 
 
+def test_jobs_mode_reports_skipped_rows_in_file_order_issue_19(setup, tiny_base_dir):
+    """Rows refused while reading (bad JSON, line 4) and rows failing when edited (lines 2, 3, 5) come out by line."""
+    jobs = setup / "jobs.jsonl"
+    rows = [
+        {"image": "in.png", "instruction": "x", "adapter": None},
+        {"image": "missing.png", "instruction": "derain the image"},
+        {"image": "in.png", "instruction": "x", "adapter": "no-such-task"},
+        "not json",
+        {"image": "gone.png", "instruction": "x"},
+        {"image": "in.png"},  # no instruction: refused while reading
+    ]
+    jobs.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    code, out = run(["edit", "--base", tiny_base_dir, "--adapter", str(setup / "derain"), "--jobs", str(jobs),
+                     "--output", str(setup / "outs"), "--quiet", *FAST])
+    assert code == 0, out
+    reported = [int(line.split()[2].rstrip(":")) for line in out.splitlines() if line.startswith("skipped line")]
+    assert reported == [2, 3, 4, 5, 6]
+    errors = json.loads((setup / "outs" / "results.json").read_text())["errors"]
+    assert [int(e.split(":")[0].split()[1]) for e in errors] == [2, 3, 4, 5, 6]
+
+
+def test_several_images_and_an_image_file_output_are_refused_issue_19(setup, tiny_base_dir):
+    random_image(1).save(setup / "in2.png")
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "in.png"), str(setup / "in2.png"),
+                     "--instruction", "x", "--output", str(setup / "two.png"), "--quiet", *FAST])
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "2 input images but --output" in out and "pass a folder" in out
+    assert not (setup / "two.png").exists()  # nothing written, no folder named like an image
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "in.png"), str(setup / "in2.png"),
+                     "--instruction", "x", "--output", str(setup / "outs"), "--quiet", *FAST])
+    assert code == 0, out
+    assert sorted(os.listdir(setup / "outs")) == ["in.png", "in2.png"]
+
+
 def test_help_explains_every_option():
     code, out = run(["edit", "--help"])
     assert code == 0

@@ -11,6 +11,7 @@ import pytest
 from adapterkit.demo.run import DEMO_TASKS, DemoSettings, format_summary, run_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_runs_every_phase_and_writes_its_report(tmp_path):
@@ -34,3 +35,56 @@ def test_demo_runs_every_phase_and_writes_its_report(tmp_path):
     assert routed["derain the image"] == "derain" and routed["cartoonize it"] == "cartoonize"  # stored phrasings
     table = format_summary(summary)
     assert table.splitlines()[0].split()[:5] == ["task", "method", "base", "adapter", "gain"] and "hot-swap" in table
+    # issue 19: the adapter as the README names it, a line for the merge step, "cache latents" explained
+    assert "derain      LoRA r32 on K/V, 2 steps" in table and "cartoonize  Custom Diffusion, 2 steps" in table
+    assert "merge: lsq = lsq-soft over " in table and "; linear = plain average, drift on regularization prompts" in table
+    assert "the 'cache latents' bar" in table
+    html = open(summary["files"]["report_html"], encoding="utf-8").read()
+    for task, row in summary["tasks"].items():  # report.html shows retention in the printout's form
+        assert f" {_percent(row['retention_lsq'])} " in table and f"<td>{_percent(row['retention_lsq'])}</td>" in html
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _summary(**settings) -> dict:
+    """A summary as run_demo returns it, with round figures."""
+    row = {"psnr_base": 16.29, "psnr_adapter": 18.53, "gain_db": 2.24, "psnr_lsq": 18.78, "retention_lsq": 1.113,
+           "psnr_linear": 17.55, "retention_linear": 0.5625}
+    merge = {"method": "lsq-soft", "constraint_rows": 770, "drift": 0.048, "time_s": {"total": 0.1}}
+    return {
+        "settings": {**DemoSettings().__dict__, "merge_method": "lsq-soft", "merge_positions": "all", **settings},
+        "tasks": {"derain": {"method": "lora", **row}, "cartoonize": {"method": "custom-diffusion", **row}},
+        "task_measures": {},
+        "merge": {"lsq": merge, "linear": {"method": "linear", "drift": 0.36, "time_s": {"total": 0.05}}},
+        "bank": {"swap_ms": {"derain": 0.17}, "edit_ms": 416.0, "routing": []},
+        "phase_seconds": {"data": 3, "train": 138}, "seconds": 175, "files": {"report_html": "adapterkit-demo/report.html"},
+    }
+
+
+def test_the_printout_says_what_the_readme_says_issue_19():
+    from adapterkit.eval.report import format_retention
+
+    table = format_summary(_summary())
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for label in ("LoRA r32 on K/V, 400 steps", "Custom Diffusion, 300 steps"):  # the README demo table's adapter column
+        assert label in table and f"| {label} |" in readme
+    assert " 111% " in table and format_retention(1.113) == "111%"  # one form: the eval table and report.html too
+    assert "merge: lsq = lsq-soft over 770 constraint rows, drift on regularization prompts 0.048, 0.10 s; " in table
+    assert "encodes its 256 rows once (the 'cache latents' bar" in table and "cache latents" in readme
+    assert "LoRA r32 on K/V, 50 steps" in format_summary(_summary(train_steps=50))
+
+
+def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_issue_19():
+    from adapterkit.cli import main
+
+    demo = main.commands["demo"]
+    options = [p.opts[0] for p in demo.params if p.opts[0].startswith("--")]
+    assert options == ["--output", "--base", "--train-steps", "--quiet"]
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    synopsis = next(line for line in readme.splitlines() if line.startswith("`adapterkit demo ["))
+    assert all(option in synopsis for option in options), synopsis
+    default = next(p.default for p in demo.params if p.name == "output")
+    ignored = open(os.path.join(ROOT, ".gitignore"), encoding="utf-8").read().split()
+    assert f"/{default}/" in ignored  # running the quick start in the checkout leaves git status clean

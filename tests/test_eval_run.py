@@ -165,8 +165,29 @@ def test_cli_prints_table_with_retention(first_run):
         view = report["tasks"][task]["merges"]["merged"]
         assert view["task_adapter"] == task
         assert view["psnr_retention"] == pytest.approx(retention)
-        assert f"merge merged: PSNR retention {retention:.3f} vs {task} (gain over base" in stdout
+        assert f"merge merged: PSNR retention {100 * retention:.0f}% vs {task} (gain over base" in stdout  # issue 19: one form
     assert "12 images generated, 0 from cache" in stdout
+
+
+def test_eval_reads_a_demo_data_eval_folder_and_labels_the_split_read_issue_19(setup, tmp_path):
+    from adapterkit.demo.tasks import write_task_dataset
+
+    data = write_task_dataset("derain", str(tmp_path / "eval-data"), n=1, resolution=RESOLUTION, split="eval", quiet=True)
+    for asked in ("eval", "train"):  # --split eval as written; the default train reads the folder's one split too
+        output = str(tmp_path / f"report-{asked}")
+        result = CliRunner().invoke(main, ["eval", "--base", setup["base"], "--data", data, "--split", asked, "--output",
+                                           output, "--steps", STEPS, "--resolution", str(RESOLUTION), "--quiet",
+                                           "--adapter", setup["adapters"]["derain"]])
+        assert result.exit_code == 0, result.output
+        report = json.load(open(os.path.join(output, "report.json")))
+        assert report["data"]["split"] == "eval" and report["data"]["requested_split"] == asked
+        assert report["data"]["read_from"] == os.path.join(data, "metadata.jsonl")
+        assert f"data {os.path.join(data, 'metadata.jsonl')} (split eval)" in result.output
+        assert "split eval;" in open(os.path.join(output, "report.html")).read()
+    result = CliRunner().invoke(main, ["eval", "--base", setup["base"], "--data", data, "--split", "test", "--output",
+                                       str(tmp_path / "r"), "--adapter", setup["adapters"]["derain"]])
+    assert result.exit_code == 2 and "holds one split, 'eval'" in result.output and "pass --split eval" in result.output
+    assert not (tmp_path / "r").exists()  # refused before anything is written
 
 
 def test_rerun_with_one_more_adapter_computes_only_the_new_column(setup, first_run, monkeypatch, tmp_path):

@@ -163,11 +163,55 @@ def test_broken_and_oversized_images_give_one_line_errors(tmp_path):
         with pytest.raises(AdapterkitError) as info:
             open_image(str(tmp_path / name))
         assert "\n" not in str(info.value)
-    # A decompression bomb: a tiny file that declares 100k x 100k pixels.
-    bomb = _save(Image.new("1", (100_000, 100_000)), tmp_path / "bomb.png", optimize=True)
-    assert os.path.getsize(bomb) < 2_000_000
+    # A decompression bomb: a tiny file that declares 100k x 100k pixels (issue 19: written from its header alone,
+    # never built in memory; building it took 45 s and 10 GB).
+    bomb = write_png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    assert os.path.getsize(bomb) < 1_000
     with pytest.raises(AdapterkitError, match="too large"):
         open_image(str(bomb))
+
+
+def write_png_header_only(path, width: int, height: int) -> str:
+    """A valid PNG signature and IHDR claiming width x height (1-bit gray), one tiny IDAT, IEND: what a
+    decompression bomb's header looks like, without its pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return str(path)
+
+
+BOMB_SCRIPT = """
+{writer}
+from adapterkit.errors import AdapterkitError
+from adapterkit.inference import open_image
+try:
+    open_image(write_png_header_only({path!r}, 100_000, 100_000))
+except AdapterkitError as e:
+    print("ERROR", e)
+# VmHWM: this process image's own peak (ru_maxrss would carry over the forking pytest process's peak)
+print("PEAK_KB", next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak RSS from Linux's /proc")
+def test_decompression_bomb_is_refused_from_its_header_in_little_memory(tmp_path):
+    """Issue 19: the refusal reads the header only; the whole check (Python, Pillow, adapterkit's image reader, no torch) peaks under 100 MB."""
+    import inspect
+    import subprocess
+    import sys
+
+    script = BOMB_SCRIPT.format(writer=inspect.getsource(write_png_header_only), path=str(tmp_path / "bomb.png"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "ERROR image" in done.stdout and "too large" in done.stdout
+    peak_mb = int(done.stdout.split("PEAK_KB")[1]) / 1024
+    assert peak_mb < 100, f"peak RSS {peak_mb:.0f} MB"
 
 
 def test_output_under_a_file_gives_a_clear_error(tiny_base, tmp_path):

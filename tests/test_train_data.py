@@ -116,6 +116,27 @@ def test_split_folders_and_errors(tmp_path):
         load_edit_dataset(str(tmp_path / "missing"))
 
 
+def test_a_folder_holds_the_split_its_task_json_names_issue_19(tmp_path):
+    """demo-data --split eval writes one top-level split named in task.json: --split eval reads it, the default
+    --split train reads it too and says which split it was, any other split is refused naming the rule."""
+    from adapterkit.data import SPLIT_INFO_FILE
+    from adapterkit.demo.tasks import DATASET_INFO_FILE
+
+    assert SPLIT_INFO_FILE == DATASET_INFO_FILE
+    folder = make_edit_dataset(tmp_path / "eval", 2, size=8)
+    (tmp_path / "eval" / SPLIT_INFO_FILE).write_text(json.dumps({"task": "invert", "split": "eval"}))
+    for asked in ("eval", "train"):
+        dataset = load_edit_dataset(folder, split=asked)
+        assert (len(dataset), dataset.split, dataset.source_rows) == (2, "eval", 2)
+        assert dataset.read_from == str(tmp_path / "eval" / "metadata.jsonl")
+    with pytest.raises(AdapterkitError, match=r"holds one split, 'eval' .*task.json names it 'eval'\); pass --split eval"):
+        load_edit_dataset(folder, split="test")
+    plain = make_edit_dataset(tmp_path / "plain", 2, size=8)  # no task.json: imagefolder's rule, the train split
+    assert load_edit_dataset(plain).split == "train"
+    with pytest.raises(AdapterkitError, match=r"holds one split, 'train' .*top-level metadata.jsonl is the train split"):
+        load_edit_dataset(plain, split="eval")
+
+
 def test_save_to_disk_folder_with_image_columns(tmp_path):
     import datasets
 
@@ -138,6 +159,47 @@ def test_save_to_disk_folder_with_image_columns(tmp_path):
 def test_hub_id_offline_is_a_clear_error():
     with pytest.raises(AdapterkitError, match="not available offline"):
         load_edit_dataset("nobody-here/no-such-dataset-adapterkit")
+
+
+def test_missing_local_path_is_refused_without_the_hub_issue_19(tmp_path, monkeypatch):
+    """A mistyped folder used to go to the hub (5 retries, 28 s); path-like values are refused at once."""
+    import adapterkit.data as data_module
+
+    asked = []
+
+    def hub(name, split):
+        asked.append(name)
+        raise LookupError("the hub was asked")
+
+    monkeypatch.setattr(data_module, "_load_from_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source in ("data/nosuch", "./nosuch", "../nosuch", "~/nosuch-adapterkit", "a/b/c", "nosuch/", str(tmp_path / "x")):
+        with pytest.raises(AdapterkitError, match=r"is not a folder \(nothing at .*\) and, being a path, is not looked up on the hub") as info:
+            load_edit_dataset(source)
+        assert source in str(info.value) and "\n" not in str(info.value)
+    assert asked == []
+    for hub_id in ("owner/name", "name"):  # no local folder 'owner': a hub id
+        with pytest.raises(LookupError, match="the hub was asked"):
+            load_edit_dataset(hub_id)
+    assert asked == ["owner/name", "name"]
+
+
+def test_cli_train_with_a_mistyped_data_path_exits_2_at_once_issue_19(tmp_path, monkeypatch):
+    import time
+
+    from click.testing import CliRunner
+
+    from adapterkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["train", "--base", "builtin:tiny-random", "--data", "data/nosuch", "--method", "lora",
+                                       "--task", "derain", "--output", "out", "--quiet"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "data/nosuch is not a folder" in result.output and time.perf_counter() - start < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
 
 
 def test_paired_transform_same_crop_and_flip_for_input_and_target():

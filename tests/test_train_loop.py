@@ -22,6 +22,7 @@ from adapterkit.adapters import method_names
 from adapterkit.train import TrainConfig, train
 from adapterkit.train import loop as loop_module
 from adapterkit.train.loop import TrainingInterrupted, conditioning_dropout
+from adapterkit.train.validation import COLUMNS, label_height
 
 METHODS = method_names()  # the registry's built-in methods; tests taking `method` get them from conftest
 WEIGHT_FILES = {"custom-diffusion": "pytorch_custom_diffusion_weights.safetensors", "lora": "pytorch_lora_weights.safetensors"}
@@ -97,11 +98,40 @@ def test_adapter_folder_contents(trained, method):
     assert training["resolution"] == 32 and training["steps"] == 50 and training["optimizer"] == "adamw8bit"
     assert training["steps_done"] == 50 and training["final_loss"] > 0 and training["training_rows"] == 10
     assert meta["base"]["fingerprint"] == load_base(training["base"]).fingerprint
-    for step in (25, 50):  # validation: 2 held-out rows of input | target | output
+    for step in (25, 50):  # validation: a header naming the columns, then 2 held-out rows of input | target | output
         grid = Image.open(os.path.join(output, "validation", f"step-{step}.png"))
-        assert grid.size == (3 * 32, 2 * 32)
+        assert grid.size == (3 * 32, label_height(32) + 2 * 32)
     loaded = load_adapter(output)
     assert all(torch.equal(loaded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+
+
+def test_rows_used_are_recorded_and_the_validation_grid_is_labelled_issue_19(trained):
+    _adapter, _base, output = trained["lora"]
+    rows = json.load(open(os.path.join(output, "adapter.json")))["training"]["rows"]
+    assert {k: rows[k] for k in ("in_data", "selected", "held_out", "training", "skipped", "without_instruction")} == {
+        "in_data": 12, "selected": 12, "held_out": 2, "training": 10, "skipped": 0, "without_instruction": 0}
+    assert len(rows["held_out_source_rows"]) == 2 and set(rows["held_out_source_rows"]) <= set(range(12))
+    grid = Image.open(os.path.join(output, "validation", "step-50.png"))
+    assert grid.info["columns"] == " | ".join(COLUMNS) == "input | target | output"
+    header = np.asarray(grid.convert("L"))[: label_height(32)]
+    for column in range(3):  # every column's label is drawn (dark text on white)
+        assert header[:, column * 32:(column + 1) * 32].min() < 128, column
+
+
+def test_cli_train_prints_the_rows_it_used_issue_19(trainable_base_dir, tmp_path):
+    data = make_edit_dataset(tmp_path / "mixed", 10, size=32)
+    lines = [json.loads(line) for line in open(tmp_path / "mixed" / "metadata.jsonl")]
+    for k, row in enumerate(lines):  # rows 0-5: derain, 6-9: another task
+        row["edit_prompt"] = "derain the image" if k < 6 else "cartoonize the image"
+    (tmp_path / "mixed" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = CliRunner().invoke(main, ["train", "--base", trainable_base_dir, "--data", data, "--method", "lora",
+                                       "--task", "derain", "--data-task", "derain", "--output", str(tmp_path / "out"),
+                                       "--resolution", "32", "--steps", "1", "--batch-size", "1", "--validation-steps", "1",
+                                       "--validation-rows", "2", "--validation-inference-steps", "1", "--log-with", "none",
+                                       "--checkpoint-steps", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"data: 10 rows in {data} (split train); 6 of task derain; 2 held out for validation, 4 to train on" in result.output
+    assert "rows: 4 for training (0 skipped as unreadable), 2 held out for validation, of 10 in the data" in result.output
 
 
 def test_lora_loads_in_plain_diffusers_and_matches_adapterkit_edit(trained, trainable_base_dir, tmp_path):

@@ -238,12 +238,16 @@ def _task_measures(output: str, report: dict, seed: int, resolution: int) -> dic
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'task':<11} {'method':<17} {'base':>6} {'adapter':>8} {'gain':>6} {'lsq':>6} {'ret.lsq':>8} "
+    """The printed summary: one line per task (the adapter as the README's table names it), the task measures, a line
+    per phase that has no table (training, merge, hot-swap, routing), the seconds and where the report is."""
+    settings = summary["settings"]
+    lines = [f"{'task':<11} {'method':<27} {'base':>6} {'adapter':>8} {'gain':>6} {'lsq':>6} {'ret.lsq':>8} "
              f"{'linear':>7} {'ret.lin':>8}"]
     for task, row in summary["tasks"].items():
         lines.append(
-            f"{task:<11} {row['method']:<17} {row['psnr_base']:6.2f} {row['psnr_adapter']:8.2f} {row['gain_db']:+6.2f} "
-            f"{row['psnr_lsq']:6.2f} {_pct(row['retention_lsq']):>8} {row['psnr_linear']:7.2f} {_pct(row['retention_linear']):>8}"
+            f"{task:<11} {_adapter_label(task, row, settings):<27} {row['psnr_base']:6.2f} {row['psnr_adapter']:8.2f} "
+            f"{row['gain_db']:+6.2f} {row['psnr_lsq']:6.2f} {_pct(row['retention_lsq']):>8} {row['psnr_linear']:7.2f} "
+            f"{_pct(row['retention_linear']):>8}"
         )
     for task, m in summary.get("task_measures", {}).items():
         label = "PSNR on rain pixels (dB)" if m["measure"] == "rain_psnr" else "outline F1"
@@ -251,8 +255,11 @@ def format_summary(summary: dict) -> str:
     bank = summary["bank"]
     swaps = ", ".join(f"{t} {ms:.2f} ms" for t, ms in bank["swap_ms"].items())
     lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base); "
-              f"lsq = least-squares merge ({summary['settings']['merge_method']}, {summary['settings']['merge_positions']} "
+              f"lsq = least-squares merge ({settings['merge_method']}, {settings['merge_positions']} "
               "token positions), linear = plain average.",
+              (f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
+               "VAE latents and text features, --cache-latents), then takes its optimizer steps on the cache."),
+              "merge: " + "; ".join(_merge_line(name, report) for name, report in summary.get("merge", {}).items()),
               f"hot-swap (median of 20): {swaps}; one edit: {bank['edit_ms']:.0f} ms",
               "routing: " + "; ".join(f"'{r['instruction']}' -> {r['task'] or 'base'} ({r['cosine']:.2f})" for r in bank["routing"]),
               "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())
@@ -261,5 +268,27 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _adapter_label(task: str, row: dict, settings: dict) -> str:
+    """'LoRA r32 on K/V, 400 steps' / 'Custom Diffusion, 300 steps': the recipe the demo trained with."""
+    recipe = TASK_RECIPES.get(task)
+    if recipe is None or recipe.method != row["method"]:
+        return row["method"]
+    steps = settings.get("train_steps") or recipe.steps
+    return f"{_METHOD_LABELS.get(recipe.method, recipe.method).format(rank=recipe.rank)}, {steps} steps"
+
+
+# Display names only (the recipes train K/V LoRAs: train_task_adapter keeps the default targets); no method code here.
+_METHOD_LABELS = {"lora": "LoRA r{rank} on K/V", "custom-diffusion": "Custom Diffusion"}
+
+
+def _merge_line(name: str, report: dict) -> str:
+    """'lsq = lsq-soft over 770 constraint rows, drift 0.048, 0.12 s' from a merge report."""
+    rows = f" over {report['constraint_rows']} constraint rows" if report.get("constraint_rows") else ""
+    method = "plain average" if report["method"] == "linear" else report["method"]
+    return f"{name} = {method}{rows}, drift on regularization prompts {report['drift']:.3f}, {report['time_s']['total']:.2f} s"
+
+
 def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
+    from ..eval.report import format_retention
+
+    return format_retention(value)

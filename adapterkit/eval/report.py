@@ -89,7 +89,8 @@ def _digits(metric: str) -> int:
 
 def format_table(report: dict) -> str:
     """Plain-text table per task (mean ±95% half-width), then the merge view lines."""
-    lines = []
+    data = report["data"]
+    lines = [f"data {data.get('read_from') or data['source']} (split {data['split']})"]
     for task, section in report["tasks"].items():
         metrics = [m for m in METRIC_LABELS if any(m in section["metrics"][c] for c in section["columns"])]
         lines.append(f"task {task}: {section['n_rows']} rows")
@@ -106,11 +107,16 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_retention(value: float | None) -> str:
+    """A merge's PSNR retention as a percentage, the one form the eval table, report.html and the demo print."""
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def _merge_line(merge: str, view: dict) -> str:
     adapter = view["task_adapter"]
     if adapter is None:
         return f"merge {merge}: retention n/a ({view['note']})"
-    retention = "n/a" if view["psnr_retention"] is None else f"{view['psnr_retention']:.3f}"
+    retention = format_retention(view["psnr_retention"])
     return (f"merge {merge}: PSNR retention {retention} vs {adapter} (gain over base: merged "
             f"{view['merged_gain_db']:+.3f} dB, adapter {view['adapter_gain_db']:+.3f} dB); "
             f"PSNR to {adapter}'s outputs {_format_stat(view['psnr_vs_task_adapter'], 2)} dB")
@@ -178,7 +184,7 @@ def _merge_table(section: dict) -> str:
         return ""
     rows = []
     for merge, view in section["merges"].items():
-        retention = "n/a" if view["psnr_retention"] is None else f"{view['psnr_retention']:.3f}"
+        retention = format_retention(view["psnr_retention"])
         close = _format_stat(view["psnr_vs_task_adapter"], 2)
         gains = [view.get("merged_gain_db"), view.get("adapter_gain_db")]
         gains = ["-" if g is None else f"{g:+.3f}" for g in gains]
@@ -212,7 +218,7 @@ def render_html(report: dict) -> str:
         "<h1>adapterkit eval</h1>",
         f'<p>base <code>{html.escape(str(report["base"]["name_or_path"]))}</code> '
         f'(fingerprint <code>{html.escape(str(report["base"]["fingerprint"]))}</code>); data '
-        f'<code>{html.escape(str(report["data"]["source"]))}</code> split {html.escape(str(report["data"]["split"]))}; '
+        f'<code>{html.escape(str(report["data"].get("read_from") or report["data"]["source"]))}</code> split {html.escape(str(report["data"]["split"]))}; '
         f'{gen["steps"]} step{"s" if gen["steps"] != 1 else ""}, guidance {gen["guidance"]}, image guidance {gen["image_guidance"]}, '
         f'resolution {gen["resolution"]}, seed {gen["seed"]} + row.</p>',
     ]

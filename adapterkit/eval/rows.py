@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..data import TASK_KEYWORDS, load_edit_dataset, task_matches
+from ..data import TASK_KEYWORDS, EditDataset, load_edit_dataset, task_matches
 from ..errors import AdapterkitError
 from ..inference import resize_for_edit, to_rgb
 from .columns import Column
@@ -26,7 +26,7 @@ class TaskRow:
 
 # -------------------------------------------------------------------------------------------------------- rows
 def load_rows(
-    data: str,
+    data,
     tasks: list[str],
     columns: list[Column],
     data_options: dict,
@@ -40,8 +40,10 @@ def load_rows(
 
     Also returns {task: reason} for tasks left out: a task only a merge contains and the data lacks. A plain
     adapter's task without rows is an error. Unreadable rows are skipped (they do not count towards `limit`).
+    `data` is a source for `load_edit_dataset` or an EditDataset already opened (`open_rows`).
     """
-    dataset = load_edit_dataset(data, require_instruction=instructions == "data", **data_options)
+    dataset = data if isinstance(data, EditDataset) else open_rows(data, data_options, instructions)
+    data = dataset.source
     selection = select_task_rows(dataset.instructions, tasks, task_rows)
     judged_alone = {c.adapter.task for c in columns if c.kind == "adapter"}
     out, left_out = {}, {}
@@ -66,6 +68,11 @@ def load_rows(
             raise AdapterkitError(f"no row of task '{task}' in {data} has readable images; check the image files")
         out[task] = picked
     return out, left_out
+
+
+def open_rows(data: str, data_options: dict, instructions: str) -> EditDataset:
+    """The eval's dataset: instructions are required only when the rows' own are used."""
+    return load_edit_dataset(data, require_instruction=instructions == "data", **data_options)
 
 
 def select_task_rows(texts: list[str], tasks: list[str], task_rows: str) -> dict[str, list[int]]:

@@ -40,7 +40,7 @@ from ..inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS,
 from . import metrics as M
 from . import report as R
 from .columns import Column, OutputCache, _unique, base_hash, build_columns, image_hash, safe_name
-from .rows import TaskRow, load_rows
+from .rows import TaskRow, load_rows, open_rows
 
 TASK_ROWS = ("auto", "match", "all")
 INSTRUCTION_SOURCES = ("data", "adapter")
@@ -220,8 +220,8 @@ def evaluate(
     data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,
                     "instruction_column": instruction_column, "split": split}
     loaded = base if isinstance(base, Base) else load_base(base, device=device)
-    resolution = resolution or loaded.resolution
-    rows, left_out = load_rows(data, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
+    resolution, dataset = resolution or loaded.resolution, open_rows(data, data_options, instructions)
+    rows, left_out = load_rows(dataset, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
     tasks = [t for t in tasks if t in rows]
     scorers = load_scorers(clip_model, device or "cpu")
     keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights
@@ -237,7 +237,9 @@ def evaluate(
     finally:
         bank.close()  # the caller's Base is left as it came (no live LoRA slot): it can be evaluated again
     sections = _score_all(output, tasks, columns, rows, folders, scorers, quiet)
-    report = build_report(loaded, data, {**data_options, "limit": limit, "task_rows": task_rows,
+    # issue 19: the split and file actually read (a demo-data eval folder read with the default --split train is split eval)
+    read = {"split": dataset.split, "requested_split": split, "read_from": dataset.read_from}
+    report = build_report(loaded, data, {**data_options, **read, "limit": limit, "task_rows": task_rows,
                                          "instructions": instructions}, settings, seed, columns, sections,
                           {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
     return _write_outputs(output, report, cache)

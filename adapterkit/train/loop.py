@@ -40,7 +40,10 @@ from . import checkpoints
 from .batches import BatchStream, LatentCache, encode_text, seeded_generator
 from .checkpoints import CHECKPOINTS, LOG_FILE, LOGS, StopSignal, TrainingInterrupted  # noqa: F401 (re-exported for the CLI)
 from .config import TrainConfig
-from .setup import check_resolution, hold_out, init_trackers, make_accelerator, make_adapter_trainable, make_optimizer
+from .setup import (
+    check_resolution, describe_rows, hold_out, init_trackers, make_accelerator, make_adapter_trainable, make_optimizer,
+    row_counts,
+)
 
 FINAL_LOSS_WINDOW = 10  # final_loss / initial_loss: mean over the last / first this many steps
 
@@ -150,6 +153,8 @@ def _setup(cfg: TrainConfig, accelerator) -> _Run:
     if dataset.dropped:
         accelerator.print(f"{len(dataset.dropped)} rows of {cfg.data} have an empty instruction and are left out")
     validation_indices, train_indices = hold_out(len(dataset), cfg)
+    if not cfg.quiet:
+        accelerator.print(describe_rows(cfg, dataset.split, row_counts(dataset, validation_indices, train_indices, 0)))
     base = load_base(cfg.base)
     resolution = cfg.resolution or base.resolution
     check_resolution(base, resolution)
@@ -326,6 +331,7 @@ def _current_adapter(run: _Run, state: TrainerState) -> Adapter:
         "training_rows": len(run.train_indices),
         "skipped_rows": len(state.skipped),
         "rows_without_instruction": len(run.dataset.dropped),
+        "rows": row_counts(run.dataset, run.validation_indices, run.train_indices, len(state.skipped)),
     }
     return Adapter(
         method=cfg.method,

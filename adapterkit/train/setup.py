@@ -131,3 +131,26 @@ def make_optimizer(params, name: str, learning_rate: float, weight_decay: float 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     raise AdapterkitError(f"unknown optimizer '{name}'; use adamw8bit or adamw")
+
+
+def row_counts(dataset, validation_indices: list[int], train_indices: list[int], skipped: int) -> dict:
+    """What training used of the data, for adapter.json's training.rows and the lines `adapterkit train` prints.
+
+    in_data: rows of the split; selected: those left after --data-task, --limit and empty instructions;
+    held_out: validation rows (never trained on; their row numbers in held_out_source_rows); training: the rest;
+    skipped: training rows whose images were unreadable."""
+    return {
+        "in_data": dataset.source_rows, "selected": len(dataset), "without_instruction": len(dataset.dropped),
+        "held_out": len(validation_indices), "training": len(train_indices), "skipped": skipped,
+        "held_out_source_rows": [dataset.rows[i] for i in validation_indices],
+    }
+
+
+def describe_rows(cfg, split: str, rows: dict) -> str:
+    """One line: 'data: 256 rows in DATA (split train); 64 of task derain; 4 held out for validation, 60 to train on'."""
+    selected = [f"{rows['selected']} of task {cfg.data_task}"] if cfg.data_task else []
+    selected += [f"{rows['without_instruction']} without an instruction left out"] if rows["without_instruction"] else []
+    selected += [f"first {cfg.limit} kept (--limit)"] if cfg.limit is not None and rows["selected"] == cfg.limit else []
+    held = f"{rows['held_out']} held out for validation, " if rows["held_out"] else ""
+    return "; ".join([f"data: {rows['in_data']} rows in {cfg.data} (split {split})", *selected,
+                      f"{held}{rows['training']} to train on"])
