@@ -264,11 +264,15 @@ def train_command(config_file, **flags):
     Multi-process: `accelerate launch --num_processes N $(which adapterkit) train ...` or
     `torchrun --nproc_per_node N --no-python adapterkit train ...`.
     """
-    from .train import TrainConfig, train
-    from .train.loop import TrainingInterrupted
+    from .data import check_path_exists
+    from .train.config import TrainConfig
 
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
     cfg = TrainConfig.from_sources(config_file, given)
+    check_path_exists(cfg.data)  # before torch loads: a mistyped --data fails in a fraction of a second
+    from .train import train
+    from .train.loop import TrainingInterrupted
+
     try:
         adapter = train(cfg)
     except TrainingInterrupted as e:

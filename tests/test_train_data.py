@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -199,6 +200,15 @@ def test_cli_train_with_a_mistyped_data_path_exits_2_at_once_issue_19(tmp_path, 
                                        "--task", "derain", "--output", "out", "--quiet"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "data/nosuch is not a folder" in result.output and time.perf_counter() - start < 10
+    code = ("import sys; from adapterkit.cli import main; sys.argv = ['adapterkit', 'train', '--base', 'b', '--data', "
+            "'data/nosuch', '--method', 'lora', '--task', 't', '--output', 'o']\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print('torch' in sys.modules, e.code)")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.stdout.split() == ["False", "2"], done.stdout + done.stderr  # refused before torch is imported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
 
 
