@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from adapterkit.demo.run import DEMO_TASKS, DemoSettings, format_summary, run_demo
@@ -27,6 +28,20 @@ def test_demo_runs_every_phase_and_writes_its_report(tmp_path):
     assert json.load(open(os.path.join(out, "demo.json")))["tasks"] == json.loads(json.dumps(summary["tasks"]))
     for name in ("derain", "cartoonize"):
         assert os.path.isfile(os.path.join(out, "adapters", name, "adapter.json"))
+    # The task measures (issue 12) score every column, recomputed here from the saved PNGs for the base's derain row.
+    measures_ = summary["task_measures"]
+    assert measures_["derain"]["measure"] == "rain_psnr" and measures_["cartoonize"]["measure"] == "outline_f1"
+    for m in measures_.values():
+        assert {"base", "merged-lsq", "merged-linear"} <= set(m["columns"])
+    assert all(0.0 <= v <= 1.0 for v in measures_["cartoonize"]["columns"].values())
+    from adapterkit.demo import measures
+    from adapterkit.demo.tasks import rain_mask
+    from adapterkit.inference import open_image
+
+    folder = os.path.join(out, "images", summary_folder(out, "derain"))
+    read = lambda column: np.asarray(open_image(os.path.join(folder, column, "0.png")))  # noqa: E731
+    expected = measures.masked_psnr(read("base"), read("target"), rain_mask(0, 0, summary["base"]["resolution"]))
+    assert measures_["derain"]["columns"]["base"] == pytest.approx(expected)
     merged = json.load(open(os.path.join(out, "merges", "merged-lsq", "adapter.json")))
     assert merged["merge"]["method"] == "lsq-soft"
     bank = summary["bank"]
@@ -88,3 +103,8 @@ def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_
     default = next(p.default for p in demo.params if p.name == "output")
     ignored = open(os.path.join(ROOT, ".gitignore"), encoding="utf-8").read().split()
     assert f"/{default}/" in ignored  # running the quick start in the checkout leaves git status clean
+
+
+def summary_folder(out, task):
+    """The images/ folder name eval gave `task` (report.json records it)."""
+    return json.load(open(os.path.join(out, "report.json")))["tasks"][task]["folder"]

@@ -217,23 +217,24 @@ def _task_measures(output: str, report: dict, seed: int, resolution: int) -> dic
     from . import measures
     from .tasks import rain_mask
 
+    def read(folder: str, column: str, row: int) -> np.ndarray:
+        return np.asarray(open_image(os.path.join(folder, column, f"{row}.png")))
+
+    scorers = {  # task -> (measure name, score(output, target, row))
+        "derain": ("rain_psnr", lambda out, target, row: measures.masked_psnr(out, target, rain_mask(row, seed, resolution))),
+        "cartoonize": ("outline_f1", lambda out, target, row: measures.outline_f1(out, target)),
+    }
     out = {}
     for task, section in report["tasks"].items():
-        if task not in ("derain", "cartoonize"):
+        if task not in scorers:
             continue
+        name, score = scorers[task]
         folder = os.path.join(output, "images", section["folder"])
-        rows = sorted(int(name[:-4]) for name in os.listdir(os.path.join(folder, "target")))
-        read = lambda column, row: np.asarray(open_image(os.path.join(folder, column, f"{row}.png")))  # noqa: E731
-        figures = {}
-        for column in section["metrics"]:
-            if not os.path.isdir(os.path.join(folder, column)):
-                continue
-            if task == "derain":
-                values = [measures.masked_psnr(read(column, r), read("target", r), rain_mask(r, seed, resolution)) for r in rows]
-            else:
-                values = [measures.outline_f1(read(column, r), read("target", r)) for r in rows]
-            figures[column] = float(np.mean(values))
-        out[task] = {"measure": "rain_psnr" if task == "derain" else "outline_f1", "columns": figures}
+        rows = sorted(int(file[:-4]) for file in os.listdir(os.path.join(folder, "target")))
+        targets = {r: read(folder, "target", r) for r in rows}  # read once, scored against every column
+        columns = [c for c in section["metrics"] if os.path.isdir(os.path.join(folder, c))]
+        figures = {c: float(np.mean([score(read(folder, c, r), targets[r], r) for r in rows])) for c in columns}
+        out[task] = {"measure": name, "columns": figures}
     return out
 
 
