@@ -15,6 +15,7 @@ from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 from .merge import methods as merge_methods  # the merge registry: names, defaults, choices (no torch)
 
 BASE_HELP = "IP2P base: hub id, local diffusers folder, builtin:tiny (bundled, trained) or builtin:tiny-random."
+SPEC_HELP = " A folder without adapter.json takes its task and instructions as DIR::task=NAME::instruction=TEXT (or adopt it with `adapterkit import`)."
 
 
 class AdapterkitGroup(click.Group):
@@ -63,7 +64,7 @@ def generation_options(f):
 
 @main.command("edit")
 @click.option("--base", required=True, help=BASE_HELP)
-@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction.")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction." + SPEC_HELP)
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--instruction", help="The edit instruction (single-image mode).")
 @click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?}: one base load, hot-swap per job.')
@@ -119,7 +120,7 @@ def make_tiny_base_command(output, seed):
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--data", required=True, help="Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl.")
 @click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
-              help="Adapter or merged-adapter folder (repeatable); each becomes a column beside the base.")
+              help="Adapter or merged-adapter folder (repeatable); each becomes a column beside the base." + SPEC_HELP)
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Report folder: report.json, report.html, grids/, images/, cache/ (re-runs reuse the cache).")
 @click.option("--preset", default=None, help="Column preset of the data: ip2p, cartoonization or low-level.")
@@ -149,6 +150,21 @@ def eval_command(adapters, **options):
     result = evaluate(adapters=list(adapters), **options)
     click.echo(result.table)
     click.echo(f"{result.generated} images generated, {result.cached} from cache -> {result.files['html']}")
+
+
+# --- import command (issue 17) ---
+@main.command("import")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--base", required=True, help=BASE_HELP + " The weights are checked against it.")
+@click.option("--task", required=True, help="Task name of the adapter, e.g. derain.")
+@click.option("--instruction", "instructions", multiple=True, required=True, help="An instruction that invokes the task (repeatable).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the adopted adapter (the source is left as it is).")
+@click.option("--force", is_flag=True, help="Accept an adapter.json fingerprint of another base (shapes must still match).")
+def import_command(folder, **options):
+    """Adopt a folder written elsewhere (diffusers' training scripts): check it, write adapter.json and a model card."""
+    from .adopt import adopt, describe
+
+    click.echo(describe(adopt(folder, **options)))
 
 
 # --- merge command (issue 4) ---

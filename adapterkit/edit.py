@@ -73,6 +73,12 @@ def edit(
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     bank = make_bank(base, list(adapters), force=force)
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
+    mute = [t for t in bank.tasks if not bank.get(t).instructions] if task == AUTO else []
+    if mute:  # issue 17: a folder without adapter.json has no instructions, so routing never picked it
+        raise AdapterkitError(
+            f"adapter '{mute[0]}' stores no instructions, so no instruction can route to it; pass it as "
+            f"'DIR::task={mute[0]}::instruction=TEXT' or adopt it with `adapterkit import DIR --task ... --instruction ...`"
+        )
     if len(images) == 1 and not os.path.isdir(output):
         targets = [output]
     else:

@@ -61,7 +61,7 @@ def atomic_folder(path: str):
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: give the folder the mode os.makedirs would have
         yield tmp
-        _fsync_tree(tmp)
+        _fsync_tree(tmp, 0o666 & ~_umask())
         fault_point(f"atomic_folder.{os.path.basename(path)}")
         _swap_in(tmp, path)
     except _WRITE_ERRORS as e:
@@ -116,10 +116,15 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
 
 
-def _fsync_tree(folder: str) -> None:
+def _fsync_tree(folder: str, file_mode: int) -> None:
+    """Flush every file to disk and give it `file_mode` (what open() would give it under the umask): writers such
+    as safetensors' save_file leave 0600, which colleagues on a shared machine cannot read (issue 17.6)."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("adapterkit.cli",),
     ("adapterkit.demo",),
     ("adapterkit.testing",),  # factories for tests/ and bench/: builds adapters, merges features
-    ("adapterkit.serve", "adapterkit.train", "adapterkit.merge", "adapterkit.eval", "adapterkit.edit"),
+    ("adapterkit.serve", "adapterkit.train", "adapterkit.merge", "adapterkit.eval", "adapterkit.edit", "adapterkit.adopt"),
     ("adapterkit.adapters",),
     ("adapterkit.base",),
     ("adapterkit.tiny",),  # builds builtin:tiny-random for base.py

@@ -23,6 +23,7 @@ from ..errors import AdapterkitError
 from ..inference import encode_text
 from .record import Adapter
 from .registry import get_method, method_names
+from .tokens import TokenSwap, applied
 
 ROUTE_THRESHOLD = 0.9
 AUTO = "auto"
@@ -58,6 +59,7 @@ class AdapterBank:
         self._kv_layers = cross_attention_kv_layers(self.pipe.unet)
         # One swap strategy per method, made now: Custom Diffusion's keeps the base K/V as they are at this point.
         self._swaps = {name: get_method(name).Swap(self.pipe) for name in method_names()}
+        self._tokens = TokenSwap(self.pipe)  # modifier tokens (tokens.py): the active adapter's embeddings only
         self._adapters: dict[str, Adapter] = {}
         self._features: dict[str, torch.Tensor] = {}
         self._active: str | None = None
@@ -88,8 +90,10 @@ class AdapterBank:
             weight = next(iter(self._kv_layers.values())).weight
             stored = Adapter(**{**adapter.__dict__, "tensors": {k: v.to(weight.device, weight.dtype) for k, v in adapter.tensors.items()}})
             self._adapters[adapter.task] = stored
+            self._tokens.add(stored)
             if adapter.instructions:
-                self._features[adapter.task] = encode_instructions(self.pipe, adapter.instructions)
+                with applied(self.pipe, stored.tokens):  # its instructions may hold its own tokens
+                    self._features[adapter.task] = encode_instructions(self.pipe, adapter.instructions)
             self._swap(stored.method).add(stored)
             return adapter.task
 
@@ -117,6 +121,7 @@ class AdapterBank:
                 self._swaps[previous].deactivate()
             if adapter is not None:
                 self._swap(adapter.method).activate(adapter)  # replaces an active adapter of the same method
+            self._tokens.activate(adapter)
             self._active = task
 
     def deactivate(self) -> None:
@@ -130,6 +135,7 @@ class AdapterBank:
             self.deactivate()
             for swap in self._swaps.values():
                 swap.close()
+            self._tokens.close()
             self._adapters.clear()
             self._features.clear()
 

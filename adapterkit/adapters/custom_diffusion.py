@@ -133,12 +133,17 @@ def write(folder: str, tensors: dict[str, torch.Tensor], options=None) -> None:
 
 
 def read(folder: str) -> tuple[dict[str, torch.Tensor], None]:
-    """Read a Custom Diffusion folder (safetensors, or diffusers' legacy .bin without unpickling code)."""
+    """Read a Custom Diffusion folder (safetensors, or diffusers' legacy .bin without unpickling code).
+
+    The `.bin` diffusers writes (`save_attn_procs(safe_serialization=False)`) holds `{}` for every attn1
+    processor beside the attn2 tensors: those placeholders carry no weights and are skipped.
+    """
     path = os.path.join(folder, FILE_NAME)
     if os.path.isfile(path):
         file_sd = load_safetensors(path)
     else:
-        file_sd = load_torch_bin(os.path.join(folder, LEGACY_FILE_NAME))
+        path = os.path.join(folder, LEGACY_FILE_NAME)
+        file_sd = load_torch_bin(path, skip_empty=True)
     tensors = {}
     for key, value in file_sd.items():
         for proj, suffix in _FILE_SUFFIX.items():
@@ -146,14 +151,19 @@ def read(folder: str) -> tuple[dict[str, torch.Tensor], None]:
                 tensors[key[: -len(suffix)] + "." + proj] = value.float()
                 break
         else:
-            # to_q/to_out weights (diffusers' --train_q_out) or modifier-token embeddings are not Custom Diffusion K/V.
-            raise AdapterkitError(
-                f"unsupported key '{key}' in {os.path.basename(path)}: adapterkit reads attn2 to_k/to_v weights only "
-                "(retrain without --train_q_out)"
-            )
+            raise AdapterkitError(_unsupported_key(key, os.path.basename(path)))
     if not tensors:
         raise AdapterkitError(f"{path} holds no Custom Diffusion weights")
     return tensors, None
+
+
+def _unsupported_key(key: str, file_name: str) -> str:
+    if "to_q_custom_diffusion" in key or "to_out_custom_diffusion" in key:
+        # train_custom_diffusion.py trains to_q/to_out too with `--freeze_model crossattn`; its default
+        # `crossattn_kv` writes only the K/V that adapterkit reads.
+        return (f"{file_name} holds '{key}': a to_q/to_out weight, written by train_custom_diffusion.py with "
+                "--freeze_model crossattn; adapterkit reads attn2 K/V only: retrain with --freeze_model crossattn_kv (the default)")
+    return f"unsupported key '{key}' in {file_name}: adapterkit reads attn2 to_k/to_v Custom Diffusion weights only"
 
 
 def metadata(tensors, options=None) -> dict:
@@ -163,15 +173,15 @@ def metadata(tensors, options=None) -> dict:
 
 def card(tensors: dict[str, torch.Tensor], options=None) -> tuple[str, str]:
     """(what the adapter is, how to load it in plain diffusers) for the model card."""
+    # `folder` is defined by the card's preamble (record.model_card). unet.load_attn_procs ignores these weights in
+    # diffusers <= 0.42 (diffusers#9320), so the card copies them; the comment line says so to the reader.
     load = (
+        "# Custom Diffusion K/V: copied in by hand (unet.load_attn_procs ignores them in diffusers <= 0.42: diffusers#9320)\n"
         "from safetensors.torch import load_file\n"
-        "sd = load_file(\"path/to/this/folder/pytorch_custom_diffusion_weights.safetensors\")\n"
         "modules = dict(pipe.unet.named_modules())\n"
-        "for key, weight in sd.items():  # '<block>.attn2.processor.to_k_custom_diffusion.weight'\n"
-        "    attn, name = key.split(\".processor.\")\n"
-        "    proj = name.split(\"_custom_diffusion\")[0]  # to_k / to_v\n"
-        "    modules[f\"{attn}.{proj}\"].weight.data.copy_(weight)\n"
-        "# (unet.load_attn_procs ignores these weights in diffusers <= 0.42: diffusers#9320)\n"
+        f"for key, weight in load_file(f\"{{folder}}/{FILE_NAME}\").items():\n"
+        "    attn, name = key.split(\".processor.\")  # '<block>.attn2', 'to_k_custom_diffusion.weight'\n"
+        "    modules[attn + \".\" + name.split(\"_custom_diffusion\")[0]].weight.data.copy_(weight)\n"
     )
     return f"Custom Diffusion: new cross-attention K/V weights for {len(tensors)} layers", load
 

@@ -217,7 +217,7 @@ def metadata(tensors: dict[str, torch.Tensor], options: dict) -> dict:
 def card(tensors: dict[str, torch.Tensor], options: dict) -> tuple[str, str]:
     """(what the adapter is, how to load it in plain diffusers) for the model card."""
     what = f"LoRA (rank {rank(tensors, options)}, alpha {options['lora_alpha']}) on {len(modules(tensors))} UNet projections"
-    return what, "pipe.load_lora_weights(\"path/to/this/folder\")\n"
+    return what, "pipe.load_lora_weights(folder)  # this folder's pytorch_lora_weights.safetensors\n"  # `folder`: the card's preamble
 
 
 def from_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -7,13 +7,17 @@
 
 Nothing here knows a method: each lives in its own module with the same verbs (adapters/registry.py PROTOCOL), and
 the record calls them through `adapter.module`. A folder written by diffusers' own training scripts has no
-adapter.json: its method comes from the weight file's name, its task and instructions from the caller.
+adapter.json: its method comes from the weight file's name, its task and instructions from the caller (Python:
+`load_adapter(path, task=, instructions=)`; anywhere a folder is passed, also as `DIR::task=NAME::instruction=TEXT`,
+see `parse_spec`), and `adapterkit import` (adopt.py) writes them into the folder for good. Modifier-token
+embeddings (`<new1>.safetensors`, from train_custom_diffusion.py --modifier_token) belong to the adapter (tokens.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,7 +30,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `import adapte
 
 FORMAT_VERSION = 1
 METADATA_FILE = "adapter.json"
-COMMON_KEYS = ("format", "method", "task", "instructions", "base", "training", "metrics", "adapterkit_version")
+COMMON_KEYS = ("format", "method", "task", "instructions", "base", "training", "metrics", "adapterkit_version", "tokens")
+SPEC_SEPARATOR = "::"  # DIR::task=NAME::instruction=TEXT: per-adapter task and instructions wherever a folder is passed
 
 
 def _version() -> str:
@@ -53,6 +58,7 @@ class Adapter:
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # other adapter.json entries, e.g. "merge" (read it as .merge)
     path: str | None = None
+    tokens: dict = field(default_factory=dict)  # modifier token -> (d_text,) embedding it owns (tokens.py)
 
     def __post_init__(self):
         get_method(self.method).check_options(self.options, self.task)
@@ -91,6 +97,10 @@ class Adapter:
                 f"is {base.fingerprint} ({base.name_or_path}); use the same base, or --force to load it anyway"
             )
         self.module.check_shapes(self.tensors, base.unet)
+        if self.tokens:
+            from . import tokens
+
+            tokens.check(self.tokens, base.pipe)
 
 
 @dataclass
@@ -151,9 +161,14 @@ def save_adapter(adapter: Adapter, path: str) -> str:
         "adapterkit_version": _version(),
         **adapter.extra,
         **module.metadata(adapter.tensors, adapter.options),
+        **({"tokens": sorted(adapter.tokens)} if adapter.tokens else {}),
     }
     with atomic_folder(path) as tmp:
         module.write(tmp, adapter.tensors, adapter.options)
+        if adapter.tokens:
+            from . import tokens
+
+            tokens.write(tmp, adapter.tokens)
         with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=2, sort_keys=True, default=_json_default)
             f.write("\n")
@@ -185,8 +200,32 @@ def infer_method(folder: str) -> str:
     return found[0]
 
 
+def parse_spec(spec: str) -> tuple[str, str | None, list[str]]:
+    """`DIR::task=NAME::instruction=TEXT::instruction=TEXT` -> (DIR, NAME, [TEXT, ...]); a plain DIR -> (DIR, None, [])."""
+    if SPEC_SEPARATOR not in spec or os.path.isdir(spec):
+        return spec, None, []
+    folder, *fields = spec.split(SPEC_SEPARATOR)
+    task, instructions = None, []
+    for entry in fields:
+        key, sep, value = entry.partition("=")
+        if not sep or key.strip() not in ("task", "instruction") or not value.strip():
+            raise AdapterkitError(
+                f"adapter '{spec}': '{entry}' is not task=NAME or instruction=TEXT; write DIR::task=NAME::instruction=TEXT"
+            )
+        if key.strip() == "task":
+            task = value.strip()
+        else:
+            instructions.append(value.strip())
+    return folder, task, instructions
+
+
 def load_adapter(path: str, task: str | None = None, instructions: list[str] | None = None) -> Adapter:
-    """Load an adapter folder. `task`/`instructions` fill in (or override) what adapter.json says."""
+    """Load an adapter folder (or a `DIR::task=NAME::instruction=TEXT` spec, see `parse_spec`). `task` and
+    `instructions` (given here or in the spec) fill in what a folder without adapter.json lacks, or override it."""
+    from . import tokens
+
+    path, spec_task, spec_instructions = parse_spec(path)
+    task, instructions = task or spec_task, instructions or spec_instructions or None
     if not os.path.isdir(path):
         raise AdapterkitError(f"adapter folder {path} does not exist")
     meta_path = os.path.join(path, METADATA_FILE)
@@ -201,6 +240,11 @@ def load_adapter(path: str, task: str | None = None, instructions: list[str] | N
     if not any(os.path.isfile(os.path.join(path, name)) for name in (module.FILE_NAME, module.LEGACY_FILE_NAME)):
         raise AdapterkitError(f"{path} has no adapter weight file (expected {module.FILE_NAME}); restore it or retrain")
     tensors, options = module.read(path)
+    weight_files = {n for m in map(get_method, method_names()) for n in (m.FILE_NAME, m.LEGACY_FILE_NAME)}
+    owned = tokens.read(path, weight_files)
+    lost = [t for t in meta.get("tokens") or [] if t not in owned]
+    if lost:
+        raise AdapterkitError(f"{meta_path} lists modifier token '{lost[0]}' but {tokens.file_name(lost[0])} is missing; restore it")
     # Keys any method writes are not "extra": a format-1 file of one method may carry another's (e.g. "rank").
     known = set(COMMON_KEYS).union(*(get_method(name).METADATA_KEYS for name in method_names()))
     return Adapter(
@@ -214,6 +258,7 @@ def load_adapter(path: str, task: str | None = None, instructions: list[str] | N
         metrics=meta.get("metrics") or {},
         extra={k: v for k, v in meta.items() if k not in known},
         path=path,
+        tokens=owned,
     )
 
 
@@ -244,24 +289,64 @@ def _read_metadata(path: str) -> dict:
 
 
 def model_card(adapter: Adapter) -> str:
-    """README.md for an adapter folder: what it does, how to load it in plain diffusers, how it was made."""
-    base = adapter.base.get("name_or_path") or "<the IP2P base it was trained on>"
+    """README.md for an adapter folder: what it does, code for plain diffusers that gives the same pixels as the
+    `adapterkit edit` line beside it (same generator, steps and guidance), how it was made."""
+    from ..inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+
+    name = adapter.base.get("name_or_path") or "<the IP2P base it was trained on>"
+    name = os.path.abspath(name) if os.path.isdir(name) else name  # the card's code runs in the adapter's folder
     instructions = "\n".join(f"- {i}" for i in adapter.instructions[:20]) or "- (none recorded)"
     what, load = adapter.module.card(adapter.tensors, adapter.options)
     training = adapter.training or {}
     summary = ", ".join(f"{k}={training[k]}" for k in ("steps", "learning_rate", "resolution", "batch_size", "final_loss") if k in training)
+    instruction = adapter.instructions[0] if adapter.instructions else adapter.task
+    token_lines = "".join(
+        f"pipe.load_textual_inversion(folder, weight_name={tokens_file(t)!r})  # modifier token {t}\n" for t in sorted(adapter.tokens)
+    )
+    tokens_note = (f"\nModifier token(s) {', '.join(sorted(adapter.tokens))} (train_custom_diffusion.py --modifier_token): "
+                   "loaded with `load_textual_inversion` below.\n" if adapter.tokens else "")
+    settings = f"num_inference_steps={DEFAULT_STEPS}, guidance_scale={DEFAULT_GUIDANCE}, image_guidance_scale={DEFAULT_IMAGE_GUIDANCE}"
+    cli_settings = f"--steps {DEFAULT_STEPS} --guidance {DEFAULT_GUIDANCE:g} --image-guidance {DEFAULT_IMAGE_GUIDANCE:g} --seed 0"
     return (
         f"# {adapter.task} adapter for InstructPix2Pix\n\n"
-        f"{what}. Made with adapterkit {_version()} on base `{base}` "
-        f"(fingerprint `{adapter.base.get('fingerprint')}`).\n\n"
+        f"{what}. Made with adapterkit {_version()} on base `{name}` "
+        f"(fingerprint `{adapter.base.get('fingerprint')}`).\n{tokens_note}\n"
         f"## Instructions it answers\n{instructions}\n\n"
-        "## Load in plain diffusers\n```python\nimport torch\n"
-        "from diffusers import StableDiffusionInstructPix2PixPipeline\n"
-        f"pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(\"{base}\")\n"
-        f"{load}"
-        f"image = pipe(\"{adapter.instructions[0] if adapter.instructions else adapter.task}\", image=input_image, "
-        "num_inference_steps=20, guidance_scale=7, image_guidance_scale=1.5).images[0]\n```\n\n"
-        "## Load in adapterkit\n```\n"
-        f"adapterkit edit --base {base} --adapter path/to/this/folder IMAGE --instruction \"...\" --output out.png\n```\n\n"
+        "## Load in plain diffusers\n"
+        "Run it in this folder with the image to edit saved as `input.png`: it writes `edited.png`, the same pixels as "
+        "the `adapterkit edit` line below.\n\n"
+        "```python\nimport torch\nfrom PIL import Image\n"
+        "from diffusers import StableDiffusionInstructPix2PixPipeline\n\n"
+        "folder = \".\"  # this adapter's folder\n"
+        f"{_base_line(name)}"
+        f"{load}{token_lines}"
+        "image = Image.open(\"input.png\").convert(\"RGB\")\n"
+        "generator = torch.Generator(\"cpu\").manual_seed(0)  # adapterkit --seed 0\n"
+        f"edited = pipe({instruction!r}, image=image, {settings}, generator=generator).images[0]\n"
+        "edited.save(\"edited.png\")\n```\n\n"
+        "## Load in adapterkit\n```bash\n"
+        f"adapterkit edit --base {shlex.quote(name)} --adapter . input.png --instruction {shlex.quote(instruction)} "
+        f"{cli_settings} --output edited.png\n```\n\n"
         f"## Training\n{summary or 'not recorded'}\n"
     )
+
+
+def tokens_file(token: str) -> str:
+    from .tokens import file_name
+
+    return file_name(token)
+
+
+def _base_line(name: str) -> str:
+    """The card's from_pretrained line. Built-in names mean nothing to plain diffusers: give a folder it can load."""
+    from ..base import BUILTIN_TINY, BUILTIN_TINY_RANDOM, builtin_tiny_path
+
+    load = "pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained({}, safety_checker=None, requires_safety_checker=False)\n"
+    if name == BUILTIN_TINY:
+        return ("# builtin:tiny is the base bundled with adapterkit; this is its folder in the install that wrote this card.\n"
+                "# Elsewhere: python -c \"from adapterkit.base import builtin_tiny_path; print(builtin_tiny_path())\"\n"
+                + load.format(repr(builtin_tiny_path())))
+    if name == BUILTIN_TINY_RANDOM:
+        return ("# builtin:tiny-random is built on the fly; write it as a folder first: adapterkit make-tiny-base --output tiny-random\n"
+                + load.format(repr("tiny-random")))
+    return load.format(repr(name))

@@ -26,8 +26,12 @@ def load_safetensors(path: str) -> dict[str, torch.Tensor]:
     return check_tensors(tensors, path)
 
 
-def load_torch_bin(path: str) -> dict[str, torch.Tensor]:
-    """Load a legacy `.bin` state dict with `weights_only=True`: a pickle that tries to run code is refused."""
+def load_torch_bin(path: str, skip_empty: bool = False) -> dict[str, torch.Tensor]:
+    """Load a legacy `.bin` state dict with `weights_only=True`: a pickle that tries to run code is refused.
+
+    `skip_empty`: drop entries whose value is an empty dict. diffusers' `save_attn_procs(safe_serialization=False)`
+    writes `{}` for every processor without weights (each attn1 of a Custom Diffusion UNet) beside the tensors.
+    """
     if not os.path.isfile(path):
         raise AdapterkitError(f"weight file {path} is missing; point to a folder written by adapterkit or diffusers")
     try:
@@ -36,6 +40,8 @@ def load_torch_bin(path: str) -> dict[str, torch.Tensor]:
         raise AdapterkitError(
             f"{path} is not a plain tensor checkpoint and was not loaded ({_short(e)}); convert it to safetensors"
         ) from e
+    if skip_empty and isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if not (isinstance(v, dict) and not v)}
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise AdapterkitError(f"{path} does not hold a state dict of named tensors; convert it to safetensors")
     return check_tensors(obj, path)

@@ -56,6 +56,8 @@ def adapter_hash(adapter: Adapter) -> str:
     digest.update(json.dumps({"method": adapter.method, "lora": adapter.options}, sort_keys=True, default=str).encode())
     for name in sorted(adapter.tensors):
         _update_tensor(digest, name, adapter.tensors[name])
+    for token in sorted(adapter.tokens or {}):  # modifier tokens change the edit too (adapters/tokens.py, issue 17)
+        _update_tensor(digest, f"token.{token}", adapter.tokens[token])
     return digest.hexdigest()
 
 

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from ..adapters import tokens
 from ..adapters.safe_load import load_safetensors
 from ..errors import AdapterkitError
 from ..fileio import atomic_file
@@ -160,6 +161,8 @@ def text_encoder_probe(pipe) -> str:
 
 def _cache_key(base, kind: str, texts: list[str], rule: str) -> str:
     spec = {"version": FEATURES_VERSION, "kind": kind, "rule": rule, "texts": texts, "text_encoder": text_encoder_probe(base.pipe)}
+    if tokens.digest(base.pipe):  # modifier tokens installed (adapters/tokens.py): features depend on their rows
+        spec["tokens"] = tokens.digest(base.pipe)
     return kind + "-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:24]
 
 

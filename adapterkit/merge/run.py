@@ -25,7 +25,7 @@ import torch
 
 # Merge outputs are one of two adapter formats, named here on purpose: full K/V (Custom Diffusion) or, with
 # --as-lora, a LoRA. Inputs of any method go through the method protocol (Adapter.delta_weights).
-from ..adapters import custom_diffusion, lora
+from ..adapters import custom_diffusion, lora, tokens
 from ..adapters.record import Adapter, MergeRecord, load_adapter, save_adapter
 from ..base import BASE_INFO_FILE, Base, cross_attention_kv_layers, load_base, unwrap_peft
 from ..errors import AdapterkitError
@@ -147,7 +147,8 @@ def _text_features(base: Base, inputs: _Inputs, reg_prompts, positions: str, qui
     """(regularization prompts, their Gram matrix, its row count, the tasks' target rows) (features.py, lsq.py)."""
     prompts = features.read_prompts(reg_prompts) if not isinstance(reg_prompts, list) else sorted(set(reg_prompts) | {""})
     gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet)
-    text_features = features.instruction_features(base, [t for a in inputs.adapters for t in a.instructions], positions, quiet=quiet)
+    with tokens.applied(base.pipe, tokens.union(inputs.adapters)):  # instructions may hold the sources' modifier tokens
+        text_features = features.instruction_features(base, [t for a in inputs.adapters for t in a.instructions], positions, quiet=quiet)
     targets = lsq.build_targets(text_features, [a.instructions for a in inputs.adapters], [a.task for a in inputs.adapters])
     return prompts, gram, reg_rows, targets
 
@@ -171,8 +172,9 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
     missing = [a.task for a, rows in zip(inputs.adapters, targets.task_rows) if rows.shape[0] == 0]
     if missing:
         raise AdapterkitError(
-            f"adapter(s) {', '.join(missing)} store no instructions, which least squares needs as targets; add them to "
-            "adapter.json ('instructions') or use a baseline method (--method linear)"
+            f"adapter(s) {', '.join(missing)} store no instructions, which least squares needs as targets; adopt the "
+            "folder with `adapterkit import DIR --task NAME --instruction TEXT ...`, pass it as "
+            "'DIR::task=NAME::instruction=TEXT', or use a baseline method (--method linear)"
         )
     info = {"constraint_rows": int(targets.rows.shape[0]), "d_text": int(targets.rows.shape[1])}
     if exact:
@@ -250,6 +252,7 @@ def _build_adapter(inputs: _Inputs, base: Base, kv_deltas, kv_factors, other, as
         "task": task or "+".join(names),
         "instructions": sorted({t for a in inputs.adapters for t in a.instructions}),
         "base": {"name_or_path": base.name_or_path, "fingerprint": base.fingerprint},
+        "tokens": tokens.union(inputs.adapters),  # the merge owns every source's modifier tokens
     }
     if not as_lora:
         tensors = custom_diffusion.from_deltas(kv_deltas, inputs.base_weights)
@@ -273,7 +276,7 @@ def fuse_into_pipeline(base: Base, adapter: Adapter, output: str) -> str:
         saved[name] = unwrap_peft(named[name]).weight.detach().clone()
     try:
         adapter.module.fuse_into_base(unet, adapter.tensors, adapter.options)
-        with atomic_folder(output) as tmp:
+        with atomic_folder(output) as tmp, tokens.applied(base.pipe, adapter.tokens):  # tokenizer + text encoder hold them
             base.pipe.save_pretrained(tmp)
             info = {**base.info, "resolution": base.resolution, "made_by": "adapterkit merge --fuse", "merged": adapter.merge.sources if adapter.merge else []}
             with open(os.path.join(tmp, BASE_INFO_FILE), "w", encoding="utf-8") as f:
