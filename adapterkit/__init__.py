@@ -25,6 +25,7 @@ _LAZY = {
     "convert_sd15_to_ip2p": ".base",
     "load_base": ".base",
     "AdapterkitError": ".errors",
+    "adopt": ".adopt",
     "evaluate": ".eval.run",
     "merge": ".merge.run",
     "train": ".train.loop",

@@ -81,6 +81,13 @@ def test_issue17_custom_diffusion_bin_as_diffusers_writes_it_loads(tiny_base_dir
     AdapterBank(load_base(tiny_base_dir)).add(from_bin)  # every layer matches the base
 
 
+def test_issue17_unknown_weight_file_in_the_folder_is_refused_not_ignored(tiny_base_dir, tmp_path):
+    folder = write_custom_diffusion(plain_pipeline(tiny_base_dir), tmp_path / "cd", safe=False)
+    torch.save({"state": torch.zeros(3), "step": torch.ones(1)}, os.path.join(folder, "optimizer.bin"))
+    with pytest.raises(AdapterkitError, match=r"optimizer\.bin is neither the adapter's weight file nor a modifier-token"):
+        load_adapter(folder, task="x")
+
+
 # ------------------------------------------------------------------------------ 17.4 the flag the script has
 def test_issue17_q_out_weights_error_names_the_scripts_real_flag(tiny_base_dir, tmp_path):
     write_custom_diffusion(plain_pipeline(tiny_base_dir), tmp_path / "qout", freeze_model="crossattn")
@@ -141,8 +148,13 @@ def test_issue17_merge_holds_the_sources_tokens_and_refuses_a_clash(tiny_base_di
     clash = write_custom_diffusion(plain_pipeline(tiny_base_dir), tmp_path / "c", seed=3, modifier_token="<new1>")
     base = load_base(tiny_base_dir)
     sources = [f"{a}::task=cat::instruction=<new1> cat", f"{b}::task=dog::instruction=<new2> dog"]
-    result = merge(sources, base, method="lsq-soft", output=str(tmp_path / "merged"), quiet=True)
+    result = merge(sources, base, method="lsq-soft", output=str(tmp_path / "merged"), output_pipeline=str(tmp_path / "fused"), quiet=True)
     merged = load_adapter(str(tmp_path / "merged"))
+    fused = plain_pipeline(str(tmp_path / "fused"))  # --fuse: the tokens are in the fused tokenizer and text encoder
+    for token, folder in (("<new1>", a), ("<new2>", b)):
+        row = fused.tokenizer.convert_tokens_to_ids(token)
+        assert token in fused.tokenizer.get_vocab()
+        assert torch.equal(fused.text_encoder.get_input_embeddings().weight[row], load_adapter(folder).tokens[token])
     assert sorted(merged.tokens) == ["<new1>", "<new2>"]
     assert torch.equal(merged.tokens["<new2>"], load_adapter(b).tokens["<new2>"])
     assert json.loads((tmp_path / "merged" / "adapter.json").read_text())["tokens"] == ["<new1>", "<new2>"]
@@ -205,6 +217,9 @@ def test_issue17_import_then_edit_routes_between_two_foreign_folders(tiny_base_d
     code, out = run_cli("edit", "--base", tiny_base_dir, "--adapter", lora_dir, "--adapter", cd_dir, image_path,
                         "--instruction", "cartoonize the image", "--output", tmp_path / "bare.png", *flags)
     assert code == 2 and "stores no instructions" in out and "::instruction=" in out and not (tmp_path / "bare.png").exists()
+    code, out = run_cli("merge", lora_dir, cd_dir, "--base", tiny_base_dir, "--method", "lsq-soft", "--as-lora",
+                        "--output", tmp_path / "bare-merge", "--quiet")
+    assert code == 2 and "store no instructions" in out and "adapterkit import" in out
     code, out = run_cli("merge", f"{lora_dir}::task=derain::instruction=derain the image",
                         f"{cd_dir}::task=cartoonize::instruction=cartoonize the image", "--base", tiny_base_dir,
                         "--method", "lsq-soft", "--as-lora", "--output", tmp_path / "merged", "--quiet")
