@@ -37,6 +37,16 @@ def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, devi
     return bank
 
 
+def refuse_unroutable(bank: AdapterBank) -> None:
+    """Routing is asked for: refuse an adapter without instructions (a folder diffusers wrote), which it never picks."""
+    mute = [t for t in bank.tasks if not bank.get(t).instructions]
+    if mute:  # issue 17: such adapters silently sent every image to another task or the base
+        raise AdapterkitError(
+            f"adapter '{mute[0]}' stores no instructions, so no instruction can route to it; pass it as "
+            f"'DIR::task={mute[0]}::instruction=TEXT' or adopt it with `adapterkit import DIR --task ... --instruction ...`"
+        )
+
+
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output extension -> PIL format
 
 
@@ -73,12 +83,8 @@ def edit(
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     bank = make_bank(base, list(adapters), force=force)
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
-    mute = [t for t in bank.tasks if not bank.get(t).instructions] if task == AUTO else []
-    if mute:  # issue 17: a folder without adapter.json has no instructions, so routing never picked it
-        raise AdapterkitError(
-            f"adapter '{mute[0]}' stores no instructions, so no instruction can route to it; pass it as "
-            f"'DIR::task={mute[0]}::instruction=TEXT' or adopt it with `adapterkit import DIR --task ... --instruction ...`"
-        )
+    if task == AUTO:
+        refuse_unroutable(bank)
     if len(images) == 1 and not os.path.isdir(output):
         targets = [output]
     else:
@@ -129,6 +135,8 @@ def edit_jobs(
     """
     rows, errors = read_jobs(jobs)
     bank = make_bank(base, list(adapters), force=force)
+    if any("adapter" not in row for _number, row in rows):  # rows without "adapter" are routed
+        refuse_unroutable(bank)
     os.makedirs(output, exist_ok=True)
     result = JobsResult(errors=errors)
     records = []

@@ -217,6 +217,10 @@ def test_issue17_import_then_edit_routes_between_two_foreign_folders(tiny_base_d
     code, out = run_cli("edit", "--base", tiny_base_dir, "--adapter", lora_dir, "--adapter", cd_dir, image_path,
                         "--instruction", "cartoonize the image", "--output", tmp_path / "bare.png", *flags)
     assert code == 2 and "stores no instructions" in out and "::instruction=" in out and not (tmp_path / "bare.png").exists()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(image_path), "instruction": "cartoonize the image"}) + "\n")
+    code, out = run_cli("edit", "--base", tiny_base_dir, "--adapter", cd_dir, "--jobs", jobs, "--output", tmp_path / "jobs-out")
+    assert code == 2 and "stores no instructions" in out
     code, out = run_cli("merge", lora_dir, cd_dir, "--base", tiny_base_dir, "--method", "lsq-soft", "--as-lora",
                         "--output", tmp_path / "bare-merge", "--quiet")
     assert code == 2 and "store no instructions" in out and "adapterkit import" in out
