@@ -301,7 +301,7 @@ def model_card(adapter: Adapter) -> str:
     summary = ", ".join(f"{k}={training[k]}" for k in ("steps", "learning_rate", "resolution", "batch_size", "final_loss") if k in training)
     instruction = adapter.instructions[0] if adapter.instructions else adapter.task
     token_lines = "".join(
-        f"pipe.load_textual_inversion(folder, weight_name={tokens_file(t)!r})  # modifier token {t}\n" for t in sorted(adapter.tokens)
+        f"pipe.load_textual_inversion(folder, weight_name={_tokens_file(t)!r})  # modifier token {t}\n" for t in sorted(adapter.tokens)
     )
     tokens_note = (f"\nModifier token(s) {', '.join(sorted(adapter.tokens))} (train_custom_diffusion.py --modifier_token): "
                    "loaded with `load_textual_inversion` below.\n" if adapter.tokens else "")
@@ -331,7 +331,7 @@ def model_card(adapter: Adapter) -> str:
     )
 
 
-def tokens_file(token: str) -> str:
+def _tokens_file(token: str) -> str:
     from .tokens import file_name
 
     return file_name(token)
