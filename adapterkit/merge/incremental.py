@@ -4,8 +4,8 @@ without the original source folders and equals merging every task from scratch.
 A merged adapter's folder holds `merge_constraints.safetensors`: per source task its constraint rows C_i
 (k_i, d_text) and its K/V outputs there, dW_i C_i^T (d_out, k_i) per layer, both float64 (the text features are
 float32 values, so the rows are stored exactly; targets in float64 keep incremental == from scratch to rounding).
-Size: (d_text + sum of K/V d_out) * k_i * 8 bytes per task: 16 KB per instruction row-set on builtin:tiny, ~200 KB
-per row on SD1.5. The metadata names the position rule and a probe of the text encoder the rows came from; a
+Size: (d_text + sum of K/V d_out) * 8 bytes per constraint row: 7.4 KB per row on builtin:tiny v1 (14 K/V layers, sum d_out 896) (a task with
+one short instruction brings ~4 rows), 206 KB per row on SD1.5 (32 K/V layers, sum d_out 24,960). The metadata names the position rule and a probe of the text encoder the rows came from; a
 merge with another rule or text encoder is refused (the stored rows would not be the ones the base now gives).
 
 A later merge expands such an adapter back into its source tasks (`expand`): their rows and targets are exactly
