@@ -82,15 +82,10 @@ def merge(
     force: bool = False,
     quiet: bool = False,
 ) -> MergeResult:
-    """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base).
-
-    weights: per adapter, for the baselines. density: ties/dare keep fraction. seed: dare's masks. rank: svd's
-    truncation. target_weight: lsq-soft's lambda. ridge: relative ridge on M. reg_prompts: a file or a list (the
-    built-in set when None; "" is always added). positions / reg_positions: token positions of the targets and of
-    the regularization prompts, "eos" or "all" (features.py). shared_rows: "mean" or "first" (lsq.py).
-    probe_instructions: phrasings never stored, {task: [text]} or a file (diagnostics.py), scored as retention.
-    A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py). output_pipeline: also
-    write the base with the merge fused in, as a full diffusers pipeline.
+    """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base); the options are
+    MergeOptions' (methods.py), plus reg_prompts (a file or a list; built-in set when None; "" always added),
+    probe_instructions ({task: [text]} or a file, diagnostics.py) and output_pipeline (the base with the merge fused
+    in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py).
     """
     start = time.perf_counter()
     options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight, ridge=ridge,
@@ -100,43 +95,47 @@ def merge(
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
-    timings = {"load": time.perf_counter() - start}
-    features_start = time.perf_counter()
+    timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
     prompts, gram, reg_rows, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
-    timings["features"] = time.perf_counter() - features_start
-
-    solve_start = time.perf_counter()
+    timings["features"], solve_start = time.perf_counter() - features_start, time.perf_counter()
     kv_deltas, kv_factors, other, solve_info = _solve(spec, options, inputs, targets, gram)
     timings["solve"] = time.perf_counter() - solve_start
     merged_adapter = _build_adapter(inputs, base, kv_deltas, kv_factors, other, as_lora, rank if "rank" in spec.reads else None, task)
     report_start = time.perf_counter()
-    written = merged_adapter.delta_weights(inputs.base_weights, dtype=torch.float64)  # what users load (float32 file)
-    merge_report = _build_report(spec, inputs, targets, written, kv_factors or kv_deltas, gram, solve_info)
-    merge_report.update(
-        positions=positions if spec.family == "lsq" else None,
-        regularization={"prompts": len(prompts), "rows": reg_rows, "positions": reg_positions,
-                        "source": reg_prompts if isinstance(reg_prompts, str) else ("list" if reg_prompts else "builtin")},
-        other_modules={"count": len(other), "method": other_modules if spec.family == "lsq" else method} if other else None,
-    )
-    if merge_report.get("target_weight") is not None:  # lam' of the unnormalised form (lsq.py): lam * n / sum_g w_g
-        merge_report["target_weight_unnormalised"] = target_weight * reg_rows / float(targets.weights.sum())
-    if spec.family == "lsq":
-        diagnostics.score_prompts(merge_report, base, inputs.tasks, inputs.kv, written)
-    diagnostics.score_probes(merge_report, base, inputs.tasks, written, probes, positions)
-    merge_report["warnings"] = diagnostics.warnings(merge_report, spec)
+    features_info = {"prompts": prompts, "gram": gram, "reg_rows": reg_rows, "reg_prompts": reg_prompts, "probes": probes}
+    merge_report = _full_report(spec, options, inputs, targets, base, merged_adapter, kv_factors or kv_deltas, other,
+                                solve_info, features_info)
     timings["report"] = time.perf_counter() - report_start
     merge_report["time_s"] = {**timings, "total": time.perf_counter() - start}
     record = MergeRecord(method=method, sources=_sources(inputs, weights), options=dataclasses.asdict(options), report=merge_report)
     merged_adapter.extra = {"merge": record.to_dict()}
-    packed = _constraints(spec, inputs, merge_report, base, positions)
-    if packed is not None:
-        incremental.attach(merged_adapter, packed)
+    packed = _constraints(spec, inputs, merge_report, base, positions, merged_adapter)
     result = MergeResult(adapter=merged_adapter, report=merge_report, updates=kv_deltas)
     if output:
         result.path = _save(merged_adapter, output, packed)
     if output_pipeline:
         result.pipeline_path = fuse_into_pipeline(base, merged_adapter, output_pipeline)
     return result
+
+
+def _full_report(spec, options: MergeOptions, inputs: _Inputs, targets, base, merged_adapter, solved, other, solve_info, info) -> dict:
+    """The report, every figure measured on the written file, then the diagnostics (diagnostics.py)."""
+    written = merged_adapter.delta_weights(inputs.base_weights, dtype=torch.float64)  # what users load (float32 file)
+    merge_report = _build_report(spec, inputs, targets, written, solved, info["gram"], solve_info)
+    reg_prompts = info["reg_prompts"]
+    merge_report.update(
+        positions=options.positions if spec.family == "lsq" else None,
+        regularization={"prompts": len(info["prompts"]), "rows": info["reg_rows"], "positions": options.reg_positions,
+                        "source": reg_prompts if isinstance(reg_prompts, str) else ("list" if reg_prompts else "builtin")},
+        other_modules={"count": len(other), "method": options.other_modules if spec.family == "lsq" else spec.name} if other else None,
+    )
+    if merge_report.get("target_weight") is not None:  # lam' of the unnormalised form (lsq.py): lam * n / sum_g w_g
+        merge_report["target_weight_unnormalised"] = options.target_weight * info["reg_rows"] / float(targets.weights.sum())
+    if spec.family == "lsq":
+        diagnostics.score_prompts(merge_report, base, inputs.tasks, inputs.kv, written)
+    diagnostics.score_probes(merge_report, base, inputs.tasks, written, info["probes"], options.positions)
+    merge_report["warnings"] = diagnostics.warnings(merge_report, spec)
+    return merge_report
 
 
 def _save(adapter: Adapter, output: str, packed) -> str:
@@ -150,11 +149,14 @@ def _save(adapter: Adapter, output: str, packed) -> str:
     return output
 
 
-def _constraints(spec, inputs: _Inputs, merge_report: dict, base: Base, positions: str):
+def _constraints(spec, inputs: _Inputs, merge_report: dict, base: Base, positions: str, merged_adapter: Adapter):
+    """What a later merge needs of an lsq merge (incremental.py), kept with the in-memory adapter too."""
     if spec.family != "lsq":
         return None
     drifts = [t["source_drift"] for t in merge_report["tasks"]]
-    return incremental.pack(inputs.tasks, positions, features.text_encoder_probe(base.pipe), drifts)
+    packed = incremental.pack(inputs.tasks, positions, features.text_encoder_probe(base.pipe), drifts)
+    incremental.attach(merged_adapter, packed)
+    return packed
 
 
 def _prepare_inputs(adapters: list, base: Base, force: bool, as_lora: bool) -> _Inputs:
