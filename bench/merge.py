@@ -162,7 +162,7 @@ SD15_WORDS = ["rain", "cartoon", "noise", "light", "sepia", "invert", "blur", "g
 
 def _child_peak(args: list[str]) -> dict:
     """Run this script as a child with `args`; it prints one JSON line (with its peak RSS growth)."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True, check=False,
                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -226,7 +226,10 @@ def many_child(which: str, method: str, reg_limit: int | None) -> dict:
         return {"base": which, "method": method, "note": str(e).split(";")[0][:90]}
     seconds = time.perf_counter() - start
     tasks = report["tasks"]
-    pick = lambda key: [t.get(key) for t in tasks if t.get(key) is not None]  # noqa: E731
+
+    def pick(key):
+        return [t.get(key) for t in tasks if t.get(key) is not None]
+
     retention = [t["probe"]["retention"] for t in tasks if (t.get("probe") or {}).get("retention") is not None]
     return {
         "base": which, "method": method, "tasks": len(tasks), "rows": report.get("constraint_rows"), "seconds": seconds,

@@ -7,7 +7,6 @@ import os
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from adapterkit.adapters import load_adapter, save_adapter
