@@ -184,6 +184,12 @@ def import_command(folder, **options):
               help="Regularization prompts, one per line (default: the built-in set of edit instructions and captions).")
 @click.option("--positions", default="eos", show_default=True, type=click.Choice(merge_methods.POSITIONS),
               help="lsq target tokens: 1..first EOS (eos) or all 77 positions (all).")
+@click.option("--reg-positions", default="all", show_default=True, type=click.Choice(merge_methods.REG_POSITIONS),
+              help="lsq regularization tokens: all 77 positions, or 1..first EOS (the paper's code; see README).")
+@click.option("--shared-rows", default="mean", show_default=True, type=click.Choice(merge_methods.SHARED_ROWS),
+              help="lsq rows several tasks share: mean target (order free), or the first task's (the paper's code; order-dependent).")
+@click.option("--probe-instructions", default=None, type=click.Path(dir_okay=False),
+              help="File of 'task: phrasing' lines never stored; the report scores each task's retention on them.")
 @click.option("--other-modules", default="linear", show_default=True, type=click.Choice(merge_methods.OTHER_MODULE_METHODS),
               help="lsq: how LoRA modules outside attn2 K/V are merged (least squares does not apply to them).")
 @click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows) instead of full K/V.")

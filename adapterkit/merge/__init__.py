@@ -1,5 +1,7 @@
 """How adapters are COMBINED: `merge(adapters, base, method, ...)` (run.py) with the methods and their options in
-methods.py (torch-free: the CLI takes its choices from it), least squares in lsq.py, baselines in baselines.py.
+methods.py (torch-free: the CLI takes its choices from it), least squares in lsq.py, baselines in baselines.py,
+the report in report.py, its warnings and probes in diagnostics.py, stored constraints (incremental merges) in
+incremental.py.
 
 `merge`, `MergeResult` and `fuse_into_pipeline` are imported on first use (module `__getattr__`), so reading the
 registry does not load torch.

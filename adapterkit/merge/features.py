@@ -15,8 +15,9 @@ The UNet attends to all 77 positions and, through guidance, to the empty prompt:
 images was measured on tiny bases (bench/merge.py, README): constraining padding helps when the text features leave
 room for it, and the empty prompt stays on the regularization side, as the base's unconditional branch.
 
-Regularization rows are every position of every regularization prompt, exactly as the UNet sees them. Only their
-Gram matrix M = C_reg^T C_reg / n is kept: the solve and the drift need nothing else.
+Regularization rows (`reg_positions`) are every position of every regularization prompt, exactly as the UNet sees
+them ("all", default), or positions 1..first EOS as the reference code takes them ("eos", for the paper-exact
+mode). Only their Gram matrix M = C_reg^T C_reg / n is kept: the solve and the drift need nothing else.
 
 Both are cached per base under `$ADAPTERKIT_CACHE/features/<fingerprint>/` (default ~/.cache/adapterkit), keyed by
 the texts, the position rule and a probe of the text encoder (the fingerprint hashes the UNet only).
@@ -111,10 +112,13 @@ def instruction_features(base, instructions: list[str], positions: str = "eos", 
     return features
 
 
-def regularization_gram(base, prompts: list[str], quiet: bool = True) -> tuple[torch.Tensor, int]:
-    """(M (d_text, d_text) float64 = C_reg^T C_reg / n, n): Gram of every position of every prompt."""
+def regularization_gram(base, prompts: list[str], quiet: bool = True, positions: str = "all") -> tuple[torch.Tensor, int]:
+    """(M (d_text, d_text) float64 = C_reg^T C_reg / n, n): Gram of every position ("all") or of positions 1..first
+    EOS ("eos") of every prompt."""
+    if positions not in POSITIONS:
+        raise AdapterkitError(f"unknown regularization positions rule '{positions}'; use one of {', '.join(POSITIONS)}")
     prompts = sorted(set(prompts))
-    key = _cache_key(base, "regularization", prompts, "every-position")
+    key = _cache_key(base, "regularization", prompts, "every-position" if positions == "all" else "first-eos")
     cached = _read_cache(base, key)
     if cached is not None and "gram" in cached and "rows" in cached:
         return cached["gram"].double(), int(round(cached["rows"].item()))
@@ -122,8 +126,11 @@ def regularization_gram(base, prompts: list[str], quiet: bool = True) -> tuple[t
     gram = torch.zeros(d_text, d_text, dtype=torch.float64)
     rows = 0
     for start in tqdm(range(0, len(prompts), 256), desc="regularization features", unit="chunk", disable=quiet):
-        _ids, hidden = encode_tokens(base.pipe, prompts[start : start + 256])
-        every = hidden.reshape(-1, d_text).double()  # (b * 77, d_text): all positions of every prompt
+        ids, hidden = encode_tokens(base.pipe, prompts[start : start + 256])
+        if positions == "all":
+            every = hidden.reshape(-1, d_text).double()  # (b * 77, d_text): all positions of every prompt
+        else:
+            every = torch.cat(select_rows(ids, hidden, base.pipe.tokenizer.eos_token_id, "eos")).double()
         gram += every.T @ every
         rows += every.shape[0]
     gram /= rows

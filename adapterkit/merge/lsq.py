@@ -12,18 +12,29 @@ D = C M^-1 (m, d_text) and R = V^T - W0 C^T (d_out, m):
 
 M, D and (D C^T)^-1 depend on the text features only, so they are computed once for all layers; per layer the
 update is B A with B = R (D C^T)^-1 (d_out, m) and A = D (m, d_text): rank <= m, exportable exactly as a LoRA.
+Dividing M by n changes nothing here (D scales by n, (D C^T)^-1 by 1/n).
 
-Soft variant, always solvable (target rows weighted by w_g, normalised to sum 1, like M's rows):
+Soft variant, always solvable: with w_g the weight of row g (the number of tasks owning it) and lam = target_weight,
 
-    W = W0 + lam * R diag(w) C (lam * C^T diag(w) C + M)^-1              ("lsq-soft", lam = --target-weight)
+    min_W  lam * sum_g (w_g / sum_g w_g) ||W c_g - v_g||^2  +  (1/n) ||(W - W0) C_reg^T||_F^2  (+ ridge)
 
-which is the docstring formula W^T = (lam G + M)^-1 (lam sum_i C_i^T C_i W_i^T + M W0^T) rearranged; it tends to
-the exact solution as lam grows.
+i.e. lam weighs the MEAN target row against the MEAN regularization row, whatever the counts m and n. Solution:
+
+    W^T = (lam G + M)^-1 (lam sum_g w~_g c_g v_g^T + M W0^T),  G = sum_g w~_g c_g c_g^T,  w~_g = w_g / sum w
+    W   = W0 + lam * R diag(w~) C (lam G + M)^-1                         ("lsq-soft")
+
+In the unnormalised form (lam' sum_i C_i^T C_i + C_reg^T C_reg) this is lam' = lam * n / sum_g w_g (the report
+prints it as `target_weight_unnormalised`). It tends to the exact solution as lam grows.
 
 Rows shared by several tasks (identical causal prefixes: "make it" in "make it rainy" and "make it snowy") cannot
-take two values. They are merged into one row whose target is the mean of the owning tasks' outputs, the limit of
-the soft objective sum_i ||W c - W_i c||^2; the result does not depend on the order of the inputs. Everything runs
-in float64.
+take two values. Rule "mean" (default): one row whose target is the mean of the owning tasks' outputs, the limit of
+the soft objective sum_i ||W c - W_i c||^2; the result does not depend on the order of the inputs. Rule "first"
+(the reference code's): the first task in input order keeps the row, later ones lose it (order-dependent).
+Everything runs in float64.
+
+A task is given by its raw rows and its outputs there (`TaskRows`): from an adapter, dW_i C_i^T; from a merged
+adapter that stored them (incremental.py), the stored values. Grouping near-equal rows sorts them along one
+direction and compares neighbours only: O(R) memory and O(R log R) time for R raw rows.
 """
 
 from __future__ import annotations
@@ -37,69 +48,101 @@ from .methods import DEFAULT_RIDGE, DEFAULT_TARGET_WEIGHT  # noqa: F401  (defaul
 
 MAX_CONDITION = 1e10  # of D C^T: beyond this float64 loses the 1e-6 accuracy the exact solve promises
 SHARED_ROW_TOLERANCE = 1e-6  # rows closer than this (relative) are the same token in the same causal context
+SHARED_ROW_RULES = ("mean", "first")
+
+
+@dataclass
+class TaskRows:
+    """What least squares needs of one task: its constraint rows and its K/V outputs on them."""
+
+    task: str
+    texts: list[str]  # per raw row: the instruction it comes from
+    rows: torch.Tensor  # (k, d_text) float64
+    targets: dict[str, torch.Tensor]  # K/V layer -> (d_out, k) float64 = dW_i C_i^T; absent layer: dW_i = 0 there
+    deltas: dict[str, torch.Tensor] | None = None  # K/V layer -> dW_i, when the task comes from an adapter (not stored rows)
 
 
 @dataclass
 class Targets:
-    """The deduplicated target rows of all tasks and which tasks own each row."""
+    """The grouped target rows of all tasks, which tasks own each row and how raw targets map onto the rows."""
 
     rows: torch.Tensor  # (m, d_text) float64
-    owners: list[tuple[int, ...]]  # per row: the indices of the tasks whose output it must reproduce
-    task_rows: list[torch.Tensor]  # per task: (k_i, d_text) all its rows, shared or not
-    own_rows: list[torch.Tensor]  # per task: the rows no other task owns (exact lsq reproduces the task there)
+    owners: list[tuple[int, ...]]  # per row: the indices of the tasks whose rows it holds
+    solve_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per task: (raw j, row g, weight): R += T_j w
+    value_maps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per task: its own value on row g
+    weights: torch.Tensor  # (m,) weight of each row in the soft objective
     shared: list[dict] = field(default_factory=list)  # rows owned by several tasks: {"tasks", "instructions"}
 
-    @property
-    def weights(self) -> torch.Tensor:
-        """(m,) number of owning tasks per row: the soft objective counts a shared row once per task."""
-        return torch.tensor([float(len(o)) for o in self.owners], dtype=torch.float64)
+    def columns(self, task: int, own: bool) -> list[int]:
+        """Rows of `task`: all it owns (own=False) or those no other task owns (own=True)."""
+        return [g for g, o in enumerate(self.owners) if (o == (task,) if own else task in o)]
 
 
-def build_targets(features: dict[str, torch.Tensor], task_instructions: list[list[str]], task_names: list[str]) -> Targets:
-    """Stack each instruction's rows once, then merge rows that are the same token feature across instructions.
+def build_targets(tasks: list[TaskRows], rule: str = "mean") -> Targets:
+    """Group equal rows across all tasks' raw rows and decide each row's target (rule "mean" or "first").
 
-    `features` maps instruction text -> (k, d_text) rows. Rows are visited in sorted-text order, so the row order
-    (and with it every rounding) does not depend on the order of the tasks.
+    Raw rows are stacked in (instruction text, task name) order, so with rule "mean" the row order (and with it
+    every rounding) does not depend on the order of the tasks; rule "first" gives each row to the first task in
+    input order that has it.
     """
-    owners_of_text: dict[str, set[int]] = {}
-    for i, texts in enumerate(task_instructions):
-        for text in texts:
-            owners_of_text.setdefault(text, set()).add(i)
-    texts = sorted(owners_of_text)
-    raw_rows, raw_owners, raw_texts = [], [], []
-    for text in texts:
-        for row in features[text]:
-            raw_rows.append(row)
-            raw_owners.append(owners_of_text[text])
-            raw_texts.append(text)
-    d_text = next(iter(features.values())).shape[1] if features else 0
-    if not raw_rows:
-        empty = [torch.zeros(0, d_text, dtype=torch.float64)] * len(task_instructions)
-        return Targets(torch.zeros(0, d_text, dtype=torch.float64), [], empty, empty)
-    stacked = torch.stack(raw_rows)  # (R, d_text)
-    groups = _group_equal_rows(stacked)
-    rows, owners, shared = [], [], []
-    for members in groups:
-        rows.append(stacked[members].mean(0))
-        owner = sorted(set().union(*(raw_owners[j] for j in members)))
-        owners.append(tuple(owner))
+    if rule not in SHARED_ROW_RULES:
+        raise AdapterkitError(f"unknown shared-row rule '{rule}'; use one of {', '.join(SHARED_ROW_RULES)}")
+    d_text = next((t.rows.shape[1] for t in tasks if t.rows.numel()), 0)
+    entries = sorted(((t.texts[j], t.task, i, j) for i, t in enumerate(tasks) for j in range(len(t.texts))))
+    if not entries:
+        empty = (torch.zeros(0, dtype=torch.long),) * 2 + (torch.zeros(0, dtype=torch.float64),)
+        return Targets(torch.zeros(0, d_text, dtype=torch.float64), [], [empty] * len(tasks), [empty] * len(tasks),
+                       torch.zeros(0, dtype=torch.float64))
+    stacked = torch.stack([tasks[i].rows[j] for _text, _task, i, j in entries])  # (R, d_text)
+    rows, owners, weights, shared = [], [], [], []
+    solve = [[] for _ in tasks]
+    value = [[] for _ in tasks]
+    for g, members in enumerate(_group_equal_rows(stacked)):
+        by_task: dict[int, list[int]] = {}
+        for e in members:
+            by_task.setdefault(entries[e][2], []).append(entries[e][3])
+        owner = tuple(sorted(by_task))
+        owners.append(owner)
+        for i, js in by_task.items():
+            value[i] += [(j, g, 1.0 / len(js)) for j in js]
+        if rule == "mean":
+            rows.append(stacked[members].mean(0))
+            for i, js in by_task.items():
+                solve[i] += [(j, g, 1.0 / (len(js) * len(owner))) for j in js]
+            weights.append(float(len(owner)))
+        else:  # first task in input order, its first row: the reference code's duplicate rule
+            first, j0 = owner[0], min(by_task[owner[0]])
+            rows.append(tasks[first].rows[j0])
+            solve[first].append((j0, g, 1.0))
+            weights.append(1.0)
         if len(owner) > 1:
-            shared.append({"tasks": [task_names[i] for i in owner], "instructions": sorted({raw_texts[j] for j in members})})
-    def stack(indices: list[int]) -> torch.Tensor:
-        return torch.stack([rows[g] for g in indices]) if indices else torch.zeros(0, d_text, dtype=torch.float64)
+            shared.append({"tasks": [tasks[i].task for i in owner], "instructions": sorted({entries[e][0] for e in members})})
+    return Targets(torch.stack(rows), owners, [_as_map(s) for s in solve], [_as_map(v) for v in value],
+                   torch.tensor(weights, dtype=torch.float64), shared)
 
-    task_rows = [stack([g for g, o in enumerate(owners) if i in o]) for i in range(len(task_instructions))]
-    own_rows = [stack([g for g, o in enumerate(owners) if o == (i,)]) for i in range(len(task_instructions))]
-    return Targets(torch.stack(rows), owners, task_rows, own_rows, shared)
+
+def _as_map(triples: list[tuple[int, int, float]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    j = torch.tensor([t[0] for t in triples], dtype=torch.long)
+    g = torch.tensor([t[1] for t in triples], dtype=torch.long)
+    return j, g, torch.tensor([t[2] for t in triples], dtype=torch.float64)
 
 
 def _group_equal_rows(rows: torch.Tensor) -> list[list[int]]:
-    """Indices of rows grouped by (near) equality, groups ordered by first member; union-find over close pairs."""
+    """Indices of rows grouped by (near) equality, groups ordered by first member.
+
+    Two rows a, b are equal when ||a - b|| <= tol * max(||a||, ||b||). Then their projections on a unit vector u
+    differ by at most tol * max norm (Cauchy-Schwarz): after sorting by projection, every equal pair lies within a
+    window, and the pairs at sorted offset k are checked only while some pair at offset k is inside it. Memory O(R);
+    time O(R log R) plus R times the largest run of rows inside one window (a group of equal rows).
+    """
+    count = rows.shape[0]
     norms = rows.norm(dim=1)
-    distance = torch.cdist(rows, rows)  # (R, R)
-    scale = torch.maximum(norms[:, None], norms[None, :]).clamp_min(1e-12)
-    close = (distance <= SHARED_ROW_TOLERANCE * scale).nonzero().tolist()
-    parent = list(range(rows.shape[0]))
+    direction = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(0), dtype=rows.dtype)
+    projection = rows @ (direction / direction.norm())  # (R,)
+    order = torch.argsort(projection)
+    sorted_projection = projection[order]
+    window = SHARED_ROW_TOLERANCE * float(norms.max()) if count else 0.0
+    parent = list(range(count))
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -107,12 +150,19 @@ def _group_equal_rows(rows: torch.Tensor) -> list[list[int]]:
             x = parent[x]
         return x
 
-    for a, b in close:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+    for offset in range(1, count):
+        near = ((sorted_projection[offset:] - sorted_projection[:-offset]) <= window).nonzero().flatten()
+        if near.numel() == 0:
+            break
+        a, b = order[near], order[near + offset]
+        scale = torch.maximum(norms[a], norms[b]).clamp_min(1e-12)
+        close = (rows[a] - rows[b]).norm(dim=1) <= SHARED_ROW_TOLERANCE * scale
+        for x, y in zip(a[close].tolist(), b[close].tolist()):
+            rx, ry = find(x), find(y)
+            if rx != ry:
+                parent[max(rx, ry)] = min(rx, ry)
     groups: dict[int, list[int]] = {}
-    for j in range(rows.shape[0]):
+    for j in range(count):
         groups.setdefault(find(j), []).append(j)
     return [groups[k] for k in sorted(groups)]
 
@@ -126,14 +176,15 @@ def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
 def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(L = (D C^T)^-1 (m, m), A = D (m, d_text), condition number of D C^T), shared by every layer.
 
-    Raises AdapterkitError when the constraints cannot all hold: more rows than text dimensions, or rows so
-    nearly dependent that D C^T is singular in float64.
+    Raises AdapterkitError when the constraints leave the regularization nothing to choose (m >= d_text: the rows
+    alone fix W, as on every prompt) or are so nearly dependent that D C^T is singular in float64.
     """
     m, d_text = rows.shape
-    if m > d_text:
+    if m >= d_text:
         raise AdapterkitError(
-            f"the instructions give {m} target token rows but the text features have only {d_text} dimensions, so the "
-            "exact constraints cannot all hold; use --method lsq-soft, or fewer or shorter instructions"
+            f"the instructions give {m} target token rows for {d_text}-dim text features: with m >= d the rows alone "
+            "fix K/V on every prompt and nothing is left to keep ordinary prompts unchanged; use --method lsq-soft, "
+            "or fewer or shorter instructions"
         )
     gram = ridged(gram, ridge)
     d = torch.linalg.solve(gram, rows.T).T  # (m, d_text) = C M^-1 (M is symmetric)
@@ -150,32 +201,50 @@ def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFA
     return torch.linalg.inv(k), d, condition
 
 
+DUAL_SOFT_MAX_ROWS = 2048  # lsq-soft solves in the m x m (dual) form up to this many rows, else in d_text x d_text
+
+
 def soft_projection(
     gram: torch.Tensor, rows: torch.Tensor, row_weights: torch.Tensor, target_weight: float, ridge: float = DEFAULT_RIDGE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L = lam * diag(w) (m, m), A = C (lam C^T diag(w) C + M)^-1 (m, d_text)) with w normalised to sum 1."""
+    """(L (m, m), A (m, d_text)) with B = R L: the soft solution of the module docstring.
+
+    Up to DUAL_SOFT_MAX_ROWS rows it is solved as the exact form plus a diagonal (push-through identity):
+    lam diag(w~) C (lam G + M)^-1 = (D C^T + diag(1 / (lam w~)))^-1 D with D = C M^-1, as well conditioned as the
+    exact solve even when M is nearly singular; beyond, as (L = lam diag(w~), A = C (lam G + M)^-1).
+    """
     if target_weight <= 0:
         raise AdapterkitError(f"--target-weight must be positive, got {target_weight}")
     w = row_weights / row_weights.sum()
-    target_gram = rows.T @ (w[:, None] * rows)  # (d_text, d_text)
-    system = target_weight * target_gram + ridged(gram, ridge)
-    a = torch.linalg.solve(system, rows.T).T  # (m, d_text); the system is symmetric
+    gram = ridged(gram, ridge)
+    if rows.shape[0] <= DUAL_SOFT_MAX_ROWS:
+        d = torch.linalg.solve(gram, rows.T).T  # (m, d_text) = C M^-1
+        k = d @ rows.T
+        k = (k + k.T) / 2 + torch.diag(1.0 / (target_weight * w))  # (m, m) D C^T + diag(1 / (lam w~))
+        return torch.linalg.inv(k), d
+    target_gram = rows.T @ (w[:, None] * rows)  # (d_text, d_text) = G
+    a = torch.linalg.solve(target_weight * target_gram + gram, rows.T).T  # (m, d_text); the system is symmetric
     return target_weight * torch.diag(w), a
 
 
-def layer_residual_targets(deltas: list[torch.Tensor | None], targets: Targets, d_out: int) -> torch.Tensor:
-    """R = V^T - W0 C^T (d_out, m): column g is the mean over owning tasks of dW_i c_g (W_i = W0 + dW_i)."""
-    r = torch.zeros(d_out, targets.rows.shape[0], dtype=torch.float64)
-    counts = targets.weights
-    for i, delta in enumerate(deltas):
-        if delta is None:  # this task leaves the layer at W0: its contribution dW_i c is zero
-            continue
-        mine = [g for g, o in enumerate(targets.owners) if i in o]
-        if mine:
-            r[:, mine] += (delta @ targets.rows[mine].T) / counts[mine]
+def scatter(raw: torch.Tensor, mapping: tuple[torch.Tensor, torch.Tensor, torch.Tensor], m: int) -> torch.Tensor:
+    """(d_out, m): column g = sum over the map's (j, g, w) of w * raw[:, j]."""
+    j, g, w = mapping
+    out = torch.zeros(raw.shape[0], m, dtype=torch.float64)
+    return out.index_add_(1, g, raw[:, j] * w) if j.numel() else out
+
+
+def layer_residual_targets(tasks: list[TaskRows], targets: Targets, layer: str, d_out: int) -> torch.Tensor:
+    """R = V^T - W0 C^T (d_out, m) on one layer: each row's target (mean of its owners' or the first one's)."""
+    m = targets.rows.shape[0]
+    r = torch.zeros(d_out, m, dtype=torch.float64)
+    for task, mapping in zip(tasks, targets.solve_maps):
+        raw = task.targets.get(layer)
+        if raw is not None:  # a task that leaves the layer at W0 contributes dW_i c = 0
+            r += scatter(raw, mapping, m)
     return r
 
 
-def solve_layer(deltas: list[torch.Tensor | None], targets: Targets, left: torch.Tensor, right: torch.Tensor, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_layer(tasks: list[TaskRows], targets: Targets, left: torch.Tensor, right: torch.Tensor, layer: str, d_out: int):
     """The layer's update as LoRA factors (B (d_out, m), A (m, d_text)); W = W0 + B A."""
-    return layer_residual_targets(deltas, targets, d_out) @ left, right
+    return layer_residual_targets(tasks, targets, layer, d_out) @ left, right

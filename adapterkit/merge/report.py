@@ -2,7 +2,8 @@
 
 - residual of task i:  ||W C_i^T - W_i C_i^T||_F / ||W_i C_i^T - W0 C_i^T||_F   on the task's own target rows:
   0 when the merged model reproduces the task there, 1 when it does no better than the base.
-- residual is measured on the rows the task owns alone (exact lsq promises ~0 there); rows shared with another task
+- residual is measured on the file the merge writes (float32 weights, as users load them), not on the float64
+  solution, and on the rows the task owns alone (exact lsq promises ~0 there); rows shared with another task
   (identical causal prefixes) get the mean target, and `residual_all_rows` includes them.
 - drift:  ||(W - W0) C_reg^T||_F / ||W0 C_reg^T||_F  on the regularization prompts, from their Gram matrix M
   (||X C_reg^T||_F^2 = n * trace(X M X^T)); each source adapter's own drift is reported beside it.
@@ -18,19 +19,29 @@ import torch
 RANK_RTOL = 1e-7
 
 
-def task_residual(merged: dict[str, torch.Tensor], task_delta: dict[str, torch.Tensor], rows: torch.Tensor) -> float | None:
-    """Mean over layers of ||(dW - dW_i) C_i^T|| / ||dW_i C_i^T||; layers the task leaves unchanged are skipped."""
-    if rows.shape[0] == 0:
+def task_values(task, targets, index: int) -> dict[str, torch.Tensor]:
+    """Layer -> (d_out, m): task `index`'s own K/V output change dW_i c_g on every row g it owns (0 elsewhere)."""
+    from .lsq import scatter
+
+    m = targets.rows.shape[0]
+    return {name: scatter(raw, targets.value_maps[index], m) for name, raw in task.targets.items()}
+
+
+def task_residual(written: dict[str, torch.Tensor], values: dict[str, torch.Tensor], rows: torch.Tensor, columns: list[int]) -> float | None:
+    """Mean over layers of ||dW C^T - dW_i C^T|| / ||dW_i C^T|| on the rows `columns`, with dW the written file's
+    update (float32 weights as users load them); layers the task leaves unchanged are skipped."""
+    if not columns:
         return None
+    picked = rows[columns]  # (k, d_text)
     ratios = []
-    for name, delta in merged.items():
-        own = task_delta.get(name)
-        if own is None:
+    for name, value in values.items():
+        want = value[:, columns]  # (d_out, k)
+        denominator = want.norm()
+        if denominator <= 1e-30:
             continue
-        denominator = (own @ rows.T).norm()
-        if denominator <= 1e-12 * (own.norm() * rows.norm()).clamp_min(1e-30):
-            continue
-        ratios.append(float(((delta - own) @ rows.T).norm() / denominator))
+        delta = written.get(name)
+        got = delta @ picked.T if delta is not None else torch.zeros_like(want)
+        ratios.append(float((got - want).norm() / denominator))
     return sum(ratios) / len(ratios) if ratios else None
 
 
@@ -82,22 +93,33 @@ def _rank(matrix: torch.Tensor, rtol: float = RANK_RTOL) -> int:
     return int((s > rtol * s[0]).sum())
 
 
+def _fmt(value, spec: str = ".2e") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_table(report: dict) -> str:
-    """A short text table: one line per task, then the totals."""
+    """A short text table: one line per task, then the totals and the measured diagnostics."""
     lines = [f"merge method {report['method']}" + (f" (positions {report['positions']})" if report.get("positions") else "")]
-    lines.append(f"{'task':<24} {'source':<28} {'rows':>5} {'shared':>6} {'residual':>10} {'source drift':>13}")
+    lines.append(f"{'task':<20} {'source':<24} {'rows':>5} {'shared':>6} {'residual':>9} {'prompt':>7} {'linear':>7} "
+                 f"{'probe ret.':>10} {'src drift':>9}")
     for t in report["tasks"]:
-        residual = "n/a" if t["residual"] is None else f"{t['residual']:.2e}"
+        probe = (t.get("probe") or {}).get("retention")
         lines.append(
-            f"{t['task'][:24]:<24} {str(t['source'])[-28:]:<28} {t['target_rows']:>5} {t['shared_rows']:>6} {residual:>10} "
-            f"{t['source_drift']:>13.4f}"
+            f"{t['task'][:20]:<20} {str(t['source'])[-24:]:<24} {t['target_rows']:>5} {t['shared_rows']:>6} "
+            f"{_fmt(t['residual']):>9} {_fmt(t.get('prompt_residual'), '.2f'):>7} {_fmt(t.get('prompt_residual_linear'), '.2f'):>7} "
+            f"{_fmt(probe, '.0%'):>10} {_fmt(t.get('source_drift'), '.4f'):>9}"
         )
-    lines.append(f"drift on {report['regularization']['prompts']} regularization prompts: {report['drift']:.4f}")
+    lines.append(f"drift on {report['regularization']['prompts']} regularization prompts: {report['drift']:.4f}"
+                 + (f" ({report['drift_ratio']:.2f}x the sources' combined)" if report.get("drift_ratio") is not None else ""))
     lines.append(f"rank of the update per layer: {report['rank']['min']}..{report['rank']['max']}")
-    if report.get("condition_number") is not None:
-        lines.append(f"constraint rows {report['constraint_rows']} of {report['d_text']} text dims, cond(D C^T) {report['condition_number']:.2e}")
+    if report.get("constraint_rows") is not None:
+        cond = report.get("condition_number")
+        lines.append(f"constraint rows {report['constraint_rows']} of {report['d_text']} text dims"
+                     + (f", cond(D C^T) {cond:.2e}" if cond is not None else "")
+                     + (f", target weight {report['target_weight']:g} (unnormalised {report['target_weight_unnormalised']:.3g})"
+                        if report.get("target_weight") is not None else ""))
     for shared in report.get("shared_rows", {}).get("groups", [])[:5]:
-        lines.append(f"shared row (mean target): tasks {', '.join(shared['tasks'])} via {'; '.join(shared['instructions'][:3])}")
+        lines.append(f"shared row: tasks {', '.join(shared['tasks'])} via {'; '.join(shared['instructions'][:3])}")
     other = report.get("other_modules")
     if other:
         lines.append(f"{other['count']} modules outside attn2 K/V merged with '{other['method']}' (least squares does not apply)")

@@ -30,7 +30,7 @@ from ..adapters.record import Adapter, MergeRecord, load_adapter, save_adapter
 from ..base import BASE_INFO_FILE, Base, cross_attention_kv_layers, load_base, unwrap_peft
 from ..errors import AdapterkitError
 from ..fileio import atomic_folder
-from . import baselines, features, lsq, report as reporting
+from . import baselines, diagnostics, features, incremental, lsq, report as reporting
 from .methods import MergeOptions, check_options
 
 
@@ -40,6 +40,7 @@ class MergeResult:
     report: dict
     path: str | None = None
     pipeline_path: str | None = None
+    updates: dict | None = None  # K/V layer -> W - W0 (d_out, d_text) float64, as solved (before the float32 file)
 
     @property
     def table(self) -> str:
@@ -52,6 +53,9 @@ class _Inputs:
     base_weights: dict[str, torch.Tensor]  # K/V layer -> W0 (d_out, d_text) float64
     kv: list[dict[str, torch.Tensor]]  # per adapter: K/V layer -> dW_i float64 (layers it changes)
     other: list[dict[str, torch.Tensor]]  # per adapter: other module -> dW_i float64 (LoRA --targets attn)
+    tasks: list[lsq.TaskRows] = dataclasses.field(default_factory=list)  # per task (a merged input may give several)
+    origin: list[int] = dataclasses.field(default_factory=list)  # per task: index of the input it comes from
+    stored_drift: list = dataclasses.field(default_factory=list)  # per task: source drift stored by an earlier merge
 
 
 def merge(
@@ -68,6 +72,9 @@ def merge(
     ridge: float = lsq.DEFAULT_RIDGE,
     reg_prompts: str | list[str] | None = None,
     positions: str = "eos",
+    reg_positions: str = "all",
+    shared_rows: str = "mean",
+    probe_instructions: str | dict | None = None,
     other_modules: str = "linear",
     as_lora: bool = False,
     task: str | None = None,
@@ -75,45 +82,81 @@ def merge(
     force: bool = False,
     quiet: bool = False,
 ) -> MergeResult:
-    """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base).
-
-    weights: per adapter, for the baselines. density: ties/dare keep fraction. seed: dare's masks. rank: svd's
-    truncation. target_weight: lsq-soft's lambda. ridge: relative ridge on M. reg_prompts: a file or a list (the
-    built-in set when None; "" is always added). positions: "eos" or "all" (features.py). output_pipeline: also
-    write the base with the merge fused in, as a full diffusers pipeline.
+    """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base); the options are
+    MergeOptions' (methods.py), plus reg_prompts (a file or a list; built-in set when None; "" always added),
+    probe_instructions ({task: [text]} or a file, diagnostics.py) and output_pipeline (the base with the merge fused
+    in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py).
     """
     start = time.perf_counter()
-    options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight,
-                           ridge=ridge, positions=positions, other_modules=other_modules, as_lora=as_lora)
+    options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight, ridge=ridge,
+                           positions=positions, reg_positions=reg_positions, shared_rows=shared_rows,
+                           other_modules=other_modules, as_lora=as_lora)
     spec = check_options(method, options, count=len(adapters) or None)  # every option checked before any work
+    probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
-    timings = {"load": time.perf_counter() - start}
-    features_start = time.perf_counter()
-    prompts, gram, reg_rows, targets = _text_features(base, inputs, reg_prompts, positions, quiet)
-    timings["features"] = time.perf_counter() - features_start
-
-    solve_start = time.perf_counter()
+    timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
+    prompts, gram, reg_rows, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
+    timings["features"], solve_start = time.perf_counter() - features_start, time.perf_counter()
     kv_deltas, kv_factors, other, solve_info = _solve(spec, options, inputs, targets, gram)
     timings["solve"] = time.perf_counter() - solve_start
-    report_start = time.perf_counter()
-    merge_report = _build_report(spec, inputs, targets, kv_deltas, kv_factors, gram, solve_info)
-    merge_report.update(
-        positions=positions if spec.family == "lsq" else None,
-        regularization={"prompts": len(prompts), "rows": reg_rows, "source": reg_prompts if isinstance(reg_prompts, str) else ("list" if reg_prompts else "builtin")},
-        other_modules={"count": len(other), "method": other_modules if spec.family == "lsq" else method} if other else None,
-    )
-    timings["report"] = time.perf_counter() - report_start
     merged_adapter = _build_adapter(inputs, base, kv_deltas, kv_factors, other, as_lora, rank if "rank" in spec.reads else None, task)
+    report_start = time.perf_counter()
+    features_info = {"prompts": prompts, "gram": gram, "reg_rows": reg_rows, "reg_prompts": reg_prompts, "probes": probes}
+    merge_report = _full_report(spec, options, inputs, targets, base, merged_adapter, kv_factors or kv_deltas, other,
+                                solve_info, features_info)
+    timings["report"] = time.perf_counter() - report_start
     merge_report["time_s"] = {**timings, "total": time.perf_counter() - start}
     record = MergeRecord(method=method, sources=_sources(inputs, weights), options=dataclasses.asdict(options), report=merge_report)
     merged_adapter.extra = {"merge": record.to_dict()}
-    result = MergeResult(adapter=merged_adapter, report=merge_report)
+    packed = _constraints(spec, inputs, merge_report, base, positions, merged_adapter)
+    result = MergeResult(adapter=merged_adapter, report=merge_report, updates=kv_deltas)
     if output:
-        result.path = save_adapter(merged_adapter, output)
+        result.path = _save(merged_adapter, output, packed)
     if output_pipeline:
         result.pipeline_path = fuse_into_pipeline(base, merged_adapter, output_pipeline)
     return result
+
+
+def _full_report(spec, options: MergeOptions, inputs: _Inputs, targets, base, merged_adapter, solved, other, solve_info, info) -> dict:
+    """The report, every figure measured on the written file, then the diagnostics (diagnostics.py)."""
+    written = merged_adapter.delta_weights(inputs.base_weights, dtype=torch.float64)  # what users load (float32 file)
+    merge_report = _build_report(spec, inputs, targets, written, solved, info["gram"], solve_info)
+    reg_prompts = info["reg_prompts"]
+    merge_report.update(
+        positions=options.positions if spec.family == "lsq" else None,
+        regularization={"prompts": len(info["prompts"]), "rows": info["reg_rows"], "positions": options.reg_positions,
+                        "source": reg_prompts if isinstance(reg_prompts, str) else ("list" if reg_prompts else "builtin")},
+        other_modules={"count": len(other), "method": options.other_modules if spec.family == "lsq" else spec.name} if other else None,
+    )
+    if merge_report.get("target_weight") is not None:  # lam' of the unnormalised form (lsq.py): lam * n / sum_g w_g
+        merge_report["target_weight_unnormalised"] = options.target_weight * info["reg_rows"] / float(targets.weights.sum())
+    if spec.family == "lsq":
+        diagnostics.score_prompts(merge_report, base, inputs.tasks, inputs.kv, written)
+    diagnostics.score_probes(merge_report, base, inputs.tasks, written, info["probes"], options.positions)
+    merge_report["warnings"] = diagnostics.warnings(merge_report, spec)
+    return merge_report
+
+
+def _save(adapter: Adapter, output: str, packed) -> str:
+    """save_adapter, plus the stored constraints of an lsq merge, in one atomic folder swap."""
+    if packed is None:
+        return save_adapter(adapter, output)
+    with atomic_folder(output) as tmp:
+        save_adapter(adapter, tmp)
+        incremental.write(tmp, packed)
+    adapter.path = output
+    return output
+
+
+def _constraints(spec, inputs: _Inputs, merge_report: dict, base: Base, positions: str, merged_adapter: Adapter):
+    """What a later merge needs of an lsq merge (incremental.py), kept with the in-memory adapter too."""
+    if spec.family != "lsq":
+        return None
+    drifts = [t["source_drift"] for t in merge_report["tasks"]]
+    packed = incremental.pack(inputs.tasks, positions, features.text_encoder_probe(base.pipe), drifts)
+    incremental.attach(merged_adapter, packed)
+    return packed
 
 
 def _prepare_inputs(adapters: list, base: Base, force: bool, as_lora: bool) -> _Inputs:
@@ -143,14 +186,33 @@ def _full_deltas(adapter: Adapter, base_weights: dict[str, torch.Tensor]) -> dic
     return adapter.delta_weights(base_weights, dtype=torch.float64)
 
 
-def _text_features(base: Base, inputs: _Inputs, reg_prompts, positions: str, quiet: bool):
-    """(regularization prompts, their Gram matrix, its row count, the tasks' target rows) (features.py, lsq.py)."""
+def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptions, expand: bool, quiet: bool):
+    """(regularization prompts, their Gram matrix, its row count, the tasks' target rows) (features.py, lsq.py).
+
+    Fills inputs.tasks: one task per adapter, or, with `expand` (least squares), the tasks a merged adapter stored.
+    """
     prompts = features.read_prompts(reg_prompts) if not isinstance(reg_prompts, list) else sorted(set(reg_prompts) | {""})
-    gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet)
+    gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet, positions=options.reg_positions)
+    probe = features.text_encoder_probe(base.pipe)
+    stored = [incremental.expand(a, options.positions, probe) if expand else None for a in inputs.adapters]
+    texts = [t for a, s in zip(inputs.adapters, stored) if s is None for t in a.instructions]
     with tokens.applied(base.pipe, tokens.union(inputs.adapters)):  # instructions may hold the sources' modifier tokens
-        text_features = features.instruction_features(base, [t for a in inputs.adapters for t in a.instructions], positions, quiet=quiet)
-    targets = lsq.build_targets(text_features, [a.instructions for a in inputs.adapters], [a.task for a in inputs.adapters])
-    return prompts, gram, reg_rows, targets
+        text_features = features.instruction_features(base, texts, options.positions, quiet=quiet)
+    for index, (adapter, kv, found) in enumerate(zip(inputs.adapters, inputs.kv, stored)):
+        if found is not None:
+            inputs.tasks += found[0]
+            inputs.stored_drift += found[1]
+            inputs.origin += [index] * len(found[0])
+            continue
+        ordered = sorted(set(adapter.instructions))
+        rows = [text_features[t] for t in ordered]
+        stacked = torch.cat(rows) if rows else torch.zeros(0, gram.shape[0], dtype=torch.float64)
+        row_texts = [t for t, r in zip(ordered, rows) for _ in range(r.shape[0])]
+        targets = {name: delta @ stacked.T for name, delta in kv.items()}  # (d_out, k) = dW_i C_i^T
+        inputs.tasks.append(lsq.TaskRows(adapter.task, row_texts, stacked, targets, deltas=kv))
+        inputs.stored_drift.append(None)
+        inputs.origin.append(index)
+    return prompts, gram, reg_rows, lsq.build_targets(inputs.tasks, options.shared_rows)
 
 
 def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, gram):
@@ -169,61 +231,60 @@ def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, g
 
 def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, target_weight):
     """Shared factors once, then per layer B = R L and A: {layer: (B (d_out, m), A (m, d_text))}."""
-    missing = [a.task for a, rows in zip(inputs.adapters, targets.task_rows) if rows.shape[0] == 0]
+    missing = [t.task for t in inputs.tasks if t.rows.shape[0] == 0]
     if missing:
         raise AdapterkitError(
             f"adapter(s) {', '.join(missing)} store no instructions, which least squares needs as targets; adopt the "
             "folder with `adapterkit import DIR --task NAME --instruction TEXT ...`, pass it as "
             "'DIR::task=NAME::instruction=TEXT', or use a baseline method (--method linear)"
         )
-    info = {"constraint_rows": int(targets.rows.shape[0]), "d_text": int(targets.rows.shape[1])}
+    m, d_text = (int(x) for x in targets.rows.shape)
+    info = {"constraint_rows": m, "d_text": d_text}
+    if exact and m >= d_text:
+        brought = ", ".join(f"{t.task} {t.rows.shape[0]}" for t in inputs.tasks)
+        raise AdapterkitError(
+            f"exact lsq needs fewer target token rows than the {d_text} text dimensions, but the adapters bring {m} "
+            f"({brought}; shared rows counted once); use --method lsq-soft, or fewer or shorter instructions"
+        )
     if exact:
         left, right, condition = lsq.exact_projection(gram, targets.rows, ridge)
         info["condition_number"] = condition
     else:
         left, right = lsq.soft_projection(gram, targets.rows, targets.weights, target_weight, ridge)
         info["target_weight"] = target_weight
+        info["condition_number"] = None
     factors = {}
     for name, w0 in inputs.base_weights.items():
-        deltas = [kv.get(name) for kv in inputs.kv]
-        factors[name] = lsq.solve_layer(deltas, targets, left, right, w0.shape[0])
+        factors[name] = lsq.solve_layer(inputs.tasks, targets, left, right, name, w0.shape[0])
     return factors, info
 
 
-def _build_report(spec, inputs: _Inputs, targets: lsq.Targets, kv_deltas, kv_factors, gram, solve_info) -> dict:
-    tasks = []
+def _build_report(spec, inputs: _Inputs, targets: lsq.Targets, written, solved, gram, solve_info) -> dict:
+    """Per task: rows, residual on the written (float32) file, source drift; overall: drift, rank, shared rows."""
     base_energy = reporting.energies(inputs.base_weights, gram)  # ||W0 C_reg^T||^2 per layer, shared by every drift
-    for adapter, kv, rows, own in zip(inputs.adapters, inputs.kv, targets.task_rows, targets.own_rows):
-        shared = rows.shape[0] - own.shape[0]
+    tasks = []
+    for i, (task, stored) in enumerate(zip(inputs.tasks, inputs.stored_drift)):
+        own, mine = targets.columns(i, own=True), targets.columns(i, own=False)
+        values = reporting.task_values(task, targets, i)
         tasks.append({
-            "task": adapter.task,
-            "source": adapter.path,
-            "instructions": len(adapter.instructions),
-            "target_rows": int(rows.shape[0]),
-            "shared_rows": int(shared),
+            "task": task.task,
+            "source": inputs.adapters[inputs.origin[i]].path,
+            "instructions": len(set(task.texts)),
+            "target_rows": len(mine),
+            "shared_rows": len(mine) - len(own),
             # On the rows the task owns alone (what exact lsq reproduces), and on all its rows, shared ones included.
-            "residual": reporting.task_residual(kv_deltas, kv, own),
-            "residual_all_rows": reporting.task_residual(kv_deltas, kv, rows) if shared else None,
-            "source_drift": reporting.drift(kv, base_energy, gram),
+            "residual": reporting.task_residual(written, values, targets.rows, own),
+            "residual_all_rows": reporting.task_residual(written, values, targets.rows, mine) if len(own) < len(mine) else None,
+            "source_drift": reporting.drift(task.deltas, base_energy, gram) if task.deltas is not None else stored,
         })
-    if kv_factors is not None:
-        ranks = [reporting.factored_rank(b, a) for b, a in kv_factors.values()]
-        merged_drift = reporting.drift({n: (b, a) for n, (b, a) in kv_factors.items()}, base_energy, gram)
+    if isinstance(next(iter(solved.values()), None), tuple):
+        ranks = [reporting.factored_rank(b, a) for b, a in solved.values()]
     else:
-        ranks = [reporting.dense_rank(d) for d in kv_deltas.values()]
-        merged_drift = reporting.drift(kv_deltas, base_energy, gram)
-    warnings = []
-    if spec.family == "lsq" and tasks and merged_drift > max(t["source_drift"] for t in tasks):
-        # Exact targets on nearly equal rows with different values force large changes along their small difference.
-        warnings.append(
-            "the merge drifts more on regularization prompts than any source adapter: some tasks' instruction features "
-            "are nearly the same with conflicting targets; try --method lsq-soft or more distinct instructions"
-        )
+        ranks = [reporting.dense_rank(d) for d in solved.values()]
     return {
         "method": spec.name,
         "tasks": tasks,
-        "drift": merged_drift,
-        "warnings": warnings,
+        "drift": reporting.drift(solved, base_energy, gram),
         "rank": {"min": min(ranks, default=0), "max": max(ranks, default=0)},
         "shared_rows": {"count": len(targets.shared), "groups": targets.shared},
         **solve_info,
@@ -231,17 +292,20 @@ def _build_report(spec, inputs: _Inputs, targets: lsq.Targets, kv_deltas, kv_fac
 
 
 def _sources(inputs: _Inputs, weights) -> list[dict]:
-    return [
-        {
-            "task": a.task,
+    """Per task: where it came from. A task a merged adapter stored keeps its own name and instructions."""
+    sources = []
+    for task, index in zip(inputs.tasks, inputs.origin):
+        a = inputs.adapters[index]
+        stored = task.deltas is None
+        sources.append({
+            "task": task.task,
             "path": a.path,
-            "method": a.method,
-            "instructions": list(a.instructions),
+            "method": "stored-by-merge" if stored else a.method,
+            "instructions": sorted(set(task.texts)) if stored else list(a.instructions),
             "fingerprint": (a.base or {}).get("fingerprint"),
-            **({"weight": weights[i]} if weights else {}),
-        }
-        for i, a in enumerate(inputs.adapters)
-    ]
+            **({"weight": weights[index]} if weights else {}),
+        })
+    return sources
 
 
 def _build_adapter(inputs: _Inputs, base: Base, kv_deltas, kv_factors, other, as_lora, truncate_to, task) -> Adapter:
