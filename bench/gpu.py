@@ -198,7 +198,9 @@ def mixed_batch_section(bank, image, gen: dict, repeats: int) -> dict:
         return {"skipped": "this adapterkit has no AdapterBank.edit_batch (mixed-adapter batches, issue 13)"}
     tasks = ["cd_a", "cd_b", "lora_a", "lora_b"]
     images, instructions = [image] * len(tasks), ["edit the image"] * len(tasks)
-    batch_s = median_seconds(lambda: bank.edit_batch(images, instructions, tasks=tasks, **gen), repeats=repeats, warmup=1)
+    options = {k: v for k, v in gen.items() if k != "seed"}  # edit_batch takes one seed per image
+    seeds = [gen.get("seed", 0)] * len(tasks)
+    batch_s = median_seconds(lambda: bank.edit_batch(images, instructions, tasks=tasks, seeds=seeds, **options), repeats=repeats, warmup=1)
     single_s = median_seconds(lambda: [bank.edit(image, "edit the image", task=t, **gen) for t in tasks], repeats=repeats, warmup=1)
     return {"images": len(tasks), "batch_images_per_s": round(len(tasks) / batch_s, 3),
             "single_images_per_s": round(len(tasks) / single_s, 3), "batch_speedup": round(single_s / batch_s, 3)}
