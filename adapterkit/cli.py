@@ -13,6 +13,7 @@ import click
 from .errors import AdapterkitError, first_line
 from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 from .merge import methods as merge_methods  # the merge registry: names, defaults, choices (no torch)
+from .threads import configure_threads
 
 BASE_HELP = "IP2P base: hub id, local diffusers folder, builtin:tiny (bundled, trained) or builtin:tiny-random."
 SPEC_HELP = " A folder without adapter.json takes its task and instructions as DIR::task=NAME::instruction=TEXT (or adopt it with `adapterkit import`)."
@@ -45,6 +46,7 @@ class AdapterkitGroup(click.Group):
 def main():
     """Train, merge, evaluate and hot-swap lightweight task adapters for InstructPix2Pix."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    configure_threads()  # before any command imports torch: OpenMP threads sleep, not spin (adapterkit/threads.py)
 
 
 def generation_options(f):

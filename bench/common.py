@@ -8,13 +8,18 @@ import platform
 import statistics
 import time
 
-import torch
+from adapterkit.threads import configure_threads
+
+THREADS = configure_threads()  # before torch loads OpenMP: every bench that imports this module gets the CLI's setting
+
+import torch  # noqa: E402
 
 
 def machine() -> dict:
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": THREADS["OMP_WAIT_POLICY"] if THREADS["effective"] else "(torch imported first)",
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
@@ -25,15 +30,29 @@ def machine() -> dict:
     }
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work: CUDA kernels run asynchronously, so a timer read without this measures the launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` calls after `warmup` untimed ones; GPU work is synchronised before
+    each timer read, so the figure includes the kernels `fn` queued."""
+    return statistics.median(timed_runs(fn, repeats, warmup))
+
+
+def timed_runs(fn, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

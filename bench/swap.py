@@ -16,8 +16,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
+from common import emit, machine, median_seconds, sd15_pipeline  # noqa: E402  (first: it sets the thread policy)
+
 import torch  # noqa: E402
-from common import emit, machine, median_seconds, sd15_pipeline  # noqa: E402
 
 from adapterkit.adapters import load_adapter, save_adapter  # noqa: E402
 from adapterkit.adapters.bank import AdapterBank  # noqa: E402

@@ -23,12 +23,12 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
-from common import emit, machine  # noqa: E402
+from common import emit, machine  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def _score_rows(bank, task_key, examples, task, cfg, masks) -> dict:

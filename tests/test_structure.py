@@ -24,7 +24,7 @@ LAYERS = [
     ("adapterkit.tiny",),  # builds builtin:tiny-random for base.py
     ("adapterkit.data",),
     ("adapterkit.inference", "adapterkit.fileio"),
-    ("adapterkit.errors", "adapterkit.faults", "adapterkit.compat", "adapterkit.lazy"),
+    ("adapterkit.errors", "adapterkit.faults", "adapterkit.compat", "adapterkit.lazy", "adapterkit.threads"),
 ]
 BAND = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_FILE_LINES = 400

@@ -75,7 +75,7 @@ class TrainConfig:
     # 0, not diffusers' 1e-2: AdamW decays toward zero, and Custom Diffusion trains full K/V weights, not deltas.
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay.", "optimisation")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).", "optimisation")
-    mixed_precision: str = _f("no", "Autocast precision; fp16 needs a GPU. Frozen weights are cast to it on GPU.", "optimisation", choices=MIXED_PRECISION)
+    mixed_precision: str = _f("no", "Autocast precision; fp16 needs a GPU. Frozen weights are stored in it (trainable ones stay fp32).", "optimisation", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "Recompute UNet activations in backward: less memory, ~30% slower.", "optimisation")
     conditioning_dropout: float = _f(0.05, "IP2P conditioning dropout p: drop text only, image only, and both, each with probability p.", "optimisation")
     seed: int = _f(0, "Seed of data order, augmentation, noise, dropout and LoRA init.", "optimisation")

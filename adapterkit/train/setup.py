@@ -97,16 +97,31 @@ def make_adapter_trainable(cfg: TrainConfig, base, accelerator) -> tuple[list[to
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    weight_dtype = torch.float32
-    if accelerator.device.type != "cpu" and cfg.mixed_precision != "no":
-        # Frozen weights in half precision halve their memory; trainable ones stay fp32 for the optimizer.
-        weight_dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
-        for p in unet.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(weight_dtype)
+    weight_dtype = frozen_weight_dtype(cfg.mixed_precision)
+    cast_frozen_weights(unet, weight_dtype)
     vae.to(accelerator.device, weight_dtype)
     text_encoder.to(accelerator.device, weight_dtype)
     return params, options
+
+
+def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen weights are stored in: half precision whenever autocast runs in it (GPU and CPU alike, so the
+    CPU tests take the code path a GPU run takes; CPU allows bf16 only, see make_accelerator)."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def cast_frozen_weights(unet, weight_dtype: torch.dtype) -> None:
+    """Frozen UNet weights to `weight_dtype` (halves their memory); trainable ones stay fp32.
+
+    The trainable ones must: the optimizer keeps fp32 master weights, and under fp16 accelerate's GradScaler refuses
+    fp16 gradients ("Attempting to unscale FP16 gradients"). Autocast computes each matmul in the half dtype anyway.
+    """
+    for p in unet.parameters():
+        if not p.requires_grad and p.dtype != weight_dtype:
+            p.data = p.data.to(weight_dtype)
+    wrong = [(n, p.dtype) for n, p in unet.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if wrong:
+        raise RuntimeError(f"trainable UNet parameter {wrong[0][0]} is {wrong[0][1]}; trainable parameters must stay float32")
 
 
 def assert_only_adapter_trains(method, base, params: list[torch.nn.Parameter]) -> None:
