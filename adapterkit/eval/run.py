@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..adapters.record import Adapter
 from ..errors import AdapterkitError
 from ..fileio import atomic_file, atomic_folder
-from ..inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, to_rgb
+from ..inference import to_rgb
 from . import metrics as M
 from . import report as R
 from .columns import Column, OutputCache, _unique, base_hash, build_columns, image_hash, safe_name
@@ -197,9 +197,9 @@ def evaluate(
     limit: int | None = None,
     task_rows: str = "auto",
     instructions: str = "data",
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+    steps: int | None = None,
+    guidance: float | None = None,
+    image_guidance: float | None = None,
     seed: int = 0,
     resolution: int | None = None,
     clip_model: str | None = None,
@@ -211,6 +211,8 @@ def evaluate(
 
     `base` is a name/path for `load_base` or a loaded Base (it is not modified once the eval returns). Writes
     report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`.
+    steps, guidance and image_guidance left at None take the base's recorded defaults (adapterkit_base.json), else
+    the blog's 20 / 7 / 1.5; report.json's "generation" says which were used and where each came from.
     """
     from ..adapters.bank import AdapterBank
     from ..base import Base, load_base
@@ -228,7 +230,8 @@ def evaluate(
     bank = AdapterBank(loaded, force=force)
     for column in columns[1:]:
         bank.add(Adapter(**{**column.adapter.__dict__, "task": column.name}))
-    settings = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "resolution": resolution}
+    sampler = loaded.sampler(steps, guidance, image_guidance)  # issue 18: the base's own defaults when it records them
+    settings = {**sampler.options(), "resolution": resolution}
     folders = _task_folders(tasks)
     cache = OutputCache(os.path.join(output, "cache"))
     try:
@@ -242,6 +245,7 @@ def evaluate(
     report = build_report(loaded, data, {**data_options, **read, "limit": limit, "task_rows": task_rows,
                                          "instructions": instructions}, settings, seed, columns, sections,
                           {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
+    report["generation"]["sampler_source"] = dict(sampler.source)
     return _write_outputs(output, report, cache)
 
 
