@@ -123,17 +123,24 @@ def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     return gram + ridge * (torch.trace(gram) / d).clamp_min(1e-30) * torch.eye(d, dtype=gram.dtype)
 
 
-def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor, float]:
+def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFAULT_RIDGE,
+                     rows_per_task: dict[str, tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(L = (D C^T)^-1 (m, m), A = D (m, d_text), condition number of D C^T), shared by every layer.
 
     Raises AdapterkitError when the constraints cannot all hold: more rows than text dimensions, or rows so
-    nearly dependent that D C^T is singular in float64.
+    nearly dependent that D C^T is singular in float64. `rows_per_task` (task -> (rows, instructions)) lets the
+    message say what each adapter brings (issue 18).
     """
     m, d_text = rows.shape
     if m > d_text:
+        brought = ""
+        if rows_per_task:
+            each = ", ".join(f"{task} {k} from {n} instruction{'s' if n != 1 else ''}" for task, (k, n) in rows_per_task.items())
+            brought = f" ({each}; a row shared by several tasks counts once)"
         raise AdapterkitError(
-            f"the instructions give {m} target token rows but the text features have only {d_text} dimensions, so the "
-            "exact constraints cannot all hold; use --method lsq-soft, or fewer or shorter instructions"
+            f"the instructions give {m} target token rows{brought} but the text features have only {d_text} "
+            f"dimensions, so the exact constraints cannot all hold; pass --method lsq-soft (the soft form, always "
+            f"solvable), or merge adapters that store fewer or shorter instructions (at most {d_text} rows in all)"
         )
     gram = ridged(gram, ridge)
     d = torch.linalg.solve(gram, rows.T).T  # (m, d_text) = C M^-1 (M is symmetric)

@@ -176,7 +176,8 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
         )
     info = {"constraint_rows": int(targets.rows.shape[0]), "d_text": int(targets.rows.shape[1])}
     if exact:
-        left, right, condition = lsq.exact_projection(gram, targets.rows, ridge)
+        per_task = {a.task: (int(r.shape[0]), len(a.instructions)) for a, r in zip(inputs.adapters, targets.task_rows)}
+        left, right, condition = lsq.exact_projection(gram, targets.rows, ridge, per_task)
         info["condition_number"] = condition
     else:
         left, right = lsq.soft_projection(gram, targets.rows, targets.weights, target_weight, ridge)

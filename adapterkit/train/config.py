@@ -193,7 +193,8 @@ def recommended_settings(base_info: dict, method: str, base_file: str = "adapter
 
 def describe_recommended(from_base: dict, base: str) -> str:
     """The line train prints: 'settings recommended by builtin:tiny for options not given: rank 32, ...'."""
-    values = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in from_base.items())
+    shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731
+    values = ", ".join(f"{k.replace('_', ' ')} {shown(v)}" for k, v in from_base.items())
     return f"settings recommended by {base} (its adapterkit_base.json) for options not given: {values}"
 
 
