@@ -6,6 +6,7 @@ the full-size training bar (>= 2 dB with only the required options) is the slow 
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -55,6 +56,9 @@ def test_readme_walkthrough_runs_end_to_end_with_default_options(tmp_path, monke
     for section in report["tasks"].values():  # 2 rows of 2 steps: retention is n/a unless the gain clears the noise
         view = section["merges"]["merged"]
         assert (view["psnr_retention"] is None) == (view["adapter_gain"]["ci95"][0] <= 0)
+        if view["psnr_retention"] is None:  # the reason is in the table and report.html too
+            assert view["note"] in printed["eval"][0]
+            assert html.escape(view["note"]) in open(tmp_path / "report" / "report.html").read()
     assert "guidance 3, image guidance 2 (steps given; guidance, image guidance recorded by the base)" in printed["edit"][0]
     assert os.path.isfile(tmp_path / "derained.png")
 
