@@ -51,6 +51,63 @@ class Base:
     def unet(self):
         return self.pipe.unet
 
+    def sampler(self, steps: int | None = None, guidance: float | None = None, image_guidance: float | None = None) -> Sampler:
+        """The sampler settings to use: each one given, else the base's recorded default, else the blog's."""
+        return resolve_sampler(self.info, steps=steps, guidance=guidance, image_guidance=image_guidance)
+
+
+# Sampler setting -> the adapterkit_base.json key a base records its default under (scripts/build_tiny_base.py).
+SAMPLER_KEYS = {"steps": "default_steps", "guidance": "default_guidance", "image_guidance": "default_image_guidance"}
+SAMPLER_LABELS = {"given": "given", "base": "recorded by the base", "blog": "the IP2P blog's default"}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Steps and the two guidance scales one run uses, and where each came from ("given", "base" or "blog")."""
+
+    steps: int
+    guidance: float
+    image_guidance: float
+    source: dict  # setting -> "given" | "base" | "blog"
+
+    def options(self) -> dict:
+        return {"steps": self.steps, "guidance": self.guidance, "image_guidance": self.image_guidance}
+
+    def record(self) -> dict:
+        """What report.json and results.json keep: the values and, per setting, its source."""
+        return {**self.options(), "source": dict(self.source)}
+
+    def describe(self) -> str:
+        """'sampler: 20 steps, guidance 3.0, image guidance 2.0 (recorded by the base)', sources grouped."""
+        values = f"{self.steps} step{'s' if self.steps != 1 else ''}, guidance {self.guidance:g}, image guidance {self.image_guidance:g}"
+        kinds = list(dict.fromkeys(self.source.values()))
+        if not kinds:  # a report written before sources were recorded
+            return f"sampler: {values}"
+        if len(kinds) == 1:
+            return f"sampler: {values} ({SAMPLER_LABELS[kinds[0]]})"
+        parts = [f"{', '.join(k.replace('_', ' ') for k, v in self.source.items() if v == kind)} {SAMPLER_LABELS[kind]}" for kind in kinds]
+        return f"sampler: {values} ({'; '.join(parts)})"
+
+
+def resolve_sampler(info: dict, steps: int | None = None, guidance: float | None = None,
+                    image_guidance: float | None = None) -> Sampler:
+    """Issue 18: a base trained to be sampled at other settings (builtin:tiny: guidance 3, image guidance 2)
+    records them in adapterkit_base.json; eval and edit use them unless told otherwise, else the blog's 20 / 7 / 1.5."""
+    from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
+
+    blog = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "image_guidance": DEFAULT_IMAGE_GUIDANCE}
+    given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance}
+    values, source = {}, {}
+    for name, value in given.items():
+        recorded = info.get(SAMPLER_KEYS[name])
+        if value is not None:
+            values[name], source[name] = value, "given"
+        elif isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+            values[name], source[name] = recorded, "base"
+        else:
+            values[name], source[name] = blog[name], "blog"
+    return Sampler(int(values["steps"]), float(values["guidance"]), float(values["image_guidance"]), source)
+
 
 def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
     """Module path -> Linear for every attn2 `to_k`/`to_v`, sorted by path.
@@ -116,12 +173,10 @@ def load_base(
     Raises AdapterkitError with a one-line fix for: ids not available offline, folders that are not IP2P
     pipelines, and tokenizers that come back empty.
     """
-    info: dict = {}
     if name_or_path == BUILTIN_TINY_RANDOM:
         from .tiny import make_tiny_pipeline
 
         pipe = make_tiny_pipeline(seed=0)
-        info = {"resolution": 64}
     else:
         path = builtin_tiny_path() if name_or_path == BUILTIN_TINY else name_or_path
         if name_or_path == BUILTIN_TINY and not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -130,10 +185,7 @@ def load_base(
                 "scripts/build_tiny_base.py"
             )
         pipe = _from_pretrained(path, name_or_path, dtype, convert_sd15)
-        info_path = os.path.join(path, BASE_INFO_FILE)
-        if os.path.isfile(info_path):
-            with open(info_path, encoding="utf-8") as f:
-                info = json.load(f)
+    info = read_base_info(name_or_path)
     _check_tokenizer(pipe, name_or_path)
     if device is not None or dtype != torch.float32:
         pipe.to(device=device, dtype=dtype)
@@ -145,6 +197,15 @@ def load_base(
         resolution=int(info.get("resolution", IP2P_TRAINING_RESOLUTION)),
         info=info,
     )
+
+
+def read_base_info(name_or_path: str) -> dict:
+    """The base's adapterkit_base.json (resolution, sampler defaults, recommended training settings), without
+    loading it; {} for a hub id or a folder without one. builtin:tiny-random records only its resolution."""
+    if name_or_path == BUILTIN_TINY_RANDOM:
+        return {"resolution": 64}
+    path = os.path.join(builtin_tiny_path() if name_or_path == BUILTIN_TINY else name_or_path, BASE_INFO_FILE)
+    return _read_json(path) if os.path.isfile(path) else {}
 
 
 def _from_pretrained(path: str, name: str, dtype: torch.dtype, convert_sd15: bool):

@@ -49,12 +49,20 @@ def main():
     configure_threads()  # before any command imports torch: OpenMP threads sleep, not spin (adapterkit/threads.py)
 
 
+def sampler_options() -> list:
+    """--steps/--guidance/--image-guidance: unset means the base's recorded default, else the blog's (issue 18)."""
+    recorded = "the base's recorded default (adapterkit_base.json), else"
+    return [
+        click.option("--steps", default=None, type=click.IntRange(1, 1000), help=f"Denoising steps [default: {recorded} {DEFAULT_STEPS}]"),
+        click.option("--guidance", default=None, type=float, help=f"Text guidance scale s_T [default: {recorded} {DEFAULT_GUIDANCE:g}]"),
+        click.option("--image-guidance", default=None, type=float, help=f"Image guidance scale s_I [default: {recorded} {DEFAULT_IMAGE_GUIDANCE:g}]"),
+    ]
+
+
 def generation_options(f):
     """--steps/--guidance/--image-guidance/--seed/--resolution, shared by commands that run the pipeline."""
     options = [
-        click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(1, 1000), help="Denoising steps."),
-        click.option("--guidance", default=DEFAULT_GUIDANCE, show_default=True, type=float, help="Text guidance scale s_T."),
-        click.option("--image-guidance", default=DEFAULT_IMAGE_GUIDANCE, show_default=True, type=float, help="Image guidance scale s_I."),
+        *sampler_options(),
         click.option("--seed", default=0, show_default=True, type=int, help='Seed of torch.Generator("cpu") passed to the pipeline.'),
         click.option("--resolution", default=None, type=click.IntRange(8, 4096),
                      help="Resize so the shorter side is this (multiples of 8). Default: the input's own size."),
@@ -81,7 +89,7 @@ def edit_command(adapters, images, instruction, jobs, output, force, quiet, base
     if jobs:
         if images or instruction:
             raise AdapterkitError("--jobs takes its images and instructions from the file; drop IMAGE and --instruction")
-        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, **options)
+        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, log=_stderr, **options)
         for line in result.errors:
             click.echo(f"skipped {line}", err=True)
         click.echo(f"{len(result.outputs)} edited, {len(result.errors)} skipped, {result.swap_count} swaps -> {output}")
@@ -90,8 +98,12 @@ def edit_command(adapters, images, instruction, jobs, output, force, quiet, base
         return
     if not instruction:
         raise AdapterkitError("--instruction is required (or use --jobs FILE)")
-    outputs = edit(base, list(images), instruction, output, adapters=list(adapters), force=force, quiet=quiet, **options)
+    outputs = edit(base, list(images), instruction, output, adapters=list(adapters), force=force, quiet=quiet, log=_stderr, **options)
     click.echo("\n".join(outputs))
+
+
+def _stderr(line: str) -> None:
+    click.echo(line, err=True)
 
 
 @main.command("convert-base")
@@ -112,6 +124,15 @@ def make_tiny_base_command(output, seed):
     from .tiny import save_tiny_pipeline
 
     click.echo(save_tiny_pipeline(output, seed=seed))
+
+
+def _with(options):
+    """Decorator adding a list of click options (in order) to a command."""
+    def decorate(f):
+        for option in reversed(options()):
+            f = option(f)
+        return f
+    return decorate
 
 
 # Commands of later issues register below, one block each: train, merge, eval, demo.
@@ -137,9 +158,7 @@ def make_tiny_base_command(output, seed):
 @click.option("--instructions", default="data", show_default=True, type=click.Choice(["data", "adapter"]),
               help="Instruction per row: the row's own, or the task adapter's stored instructions in turn.")
 @click.option("--clip-model", default=None, help="CLIP checkpoint (folder or hub id) for CLIP image and directional similarity.")
-@click.option("--steps", default=DEFAULT_STEPS, show_default=True, type=click.IntRange(1, 1000), help="Denoising steps.")
-@click.option("--guidance", default=DEFAULT_GUIDANCE, show_default=True, type=float, help="Text guidance scale s_T.")
-@click.option("--image-guidance", default=DEFAULT_IMAGE_GUIDANCE, show_default=True, type=float, help="Image guidance scale s_I.")
+@_with(sampler_options)
 @click.option("--seed", default=0, show_default=True, type=int, help="Row r uses seed + r in every column.")
 @click.option("--resolution", default=None, type=click.IntRange(8, 4096),
               help="Shorter side of the inputs (multiples of 8). Default: the base's own resolution, else 256.")

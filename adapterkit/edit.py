@@ -27,6 +27,16 @@ class JobsResult:
     outputs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # "line N: problem", in file order
     swap_count: int = 0
+    sampler: dict = field(default_factory=dict)  # steps, guidance, image_guidance used and each one's source
+
+
+def _sampler_options(bank: AdapterBank, options: dict, log) -> tuple[dict, object]:
+    """Issue 18: steps and guidance scales left unset (None or absent) take the base's recorded defaults, else the
+    blog's; `log` gets the line saying which were used."""
+    sampler = bank.base.sampler(*(options.pop(k, None) for k in ("steps", "guidance", "image_guidance")))
+    if log is not None:
+        log(sampler.describe())
+    return {**options, **sampler.options()}, sampler
 
 
 def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, device=None) -> AdapterBank:
@@ -66,11 +76,14 @@ def edit(
     adapters: list[str] = (),
     force: bool = False,
     quiet: bool = False,
+    log=None,
     **options,
 ) -> list[str]:
     """Edit each image with `instruction`. With one adapter it is applied; with several, routed by instruction.
 
     One image: `output` is the file path. Several: `output` is a folder; each result is `<stem>.png` inside.
+    `options`: steps, guidance, image_guidance (unset: the base's recorded defaults, else 20 / 7 / 1.5), seed,
+    resolution; `log(line)` receives the sampler settings used.
     """
     if not images:
         raise AdapterkitError("no input image given; pass one or more image paths")
@@ -82,6 +95,7 @@ def edit(
         )
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     bank = make_bank(base, list(adapters), force=force)
+    options, _ = _sampler_options(bank, options, log)
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
     if task == AUTO:
         refuse_unroutable(bank)
@@ -126,6 +140,7 @@ def edit_jobs(
     adapters: list[str] = (),
     force: bool = False,
     quiet: bool = False,
+    log=None,
     **options,
 ) -> JobsResult:
     """Run every row of a jobs file on one loaded base, hot-swapping adapters per row.
@@ -137,8 +152,9 @@ def edit_jobs(
     bank = make_bank(base, list(adapters), force=force)
     if any("adapter" not in row for _number, row in rows):  # rows without "adapter" are routed
         refuse_unroutable(bank)
+    options, sampler = _sampler_options(bank, options, log)
     os.makedirs(output, exist_ok=True)
-    result = JobsResult(errors=errors)
+    result = JobsResult(errors=errors, sampler=sampler.record())
     records = []
     jobs_dir = os.path.dirname(os.path.abspath(jobs))
     previous = bank.active
@@ -164,5 +180,5 @@ def edit_jobs(
         records.append({"line": number, "image": row["image"], "instruction": row["instruction"], "adapter": bank.active, "output": os.path.basename(target)})
     # File order (issue 19): rows rejected while reading the file were listed before rows that failed when edited.
     result.errors.sort(key=lambda error: int(error.split(":", 1)[0].removeprefix("line ")))
-    write_json(os.path.join(output, "results.json"), {"done": records, "errors": result.errors})
+    write_json(os.path.join(output, "results.json"), {"sampler": result.sampler, "done": records, "errors": result.errors})
     return result

@@ -168,3 +168,34 @@ def test_console_script_exit_code_and_no_traceback(setup, tiny_base_dir):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: adapter layer ") and "has shape" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_edit_uses_the_sampler_defaults_the_base_records_issue_18(setup, tiny_base_dir, tiny_base):
+    """builtin:tiny records guidance 3 / image guidance 2: edit uses a base's recorded defaults unless given, says
+    which it used, and jobs mode records them in results.json; a base recording none gets the blog's 7 / 1.5."""
+    import shutil
+
+    from adapterkit.adapters import load_adapter
+    from adapterkit.adapters.bank import AdapterBank
+
+    recording = setup / "base"
+    shutil.copytree(tiny_base_dir, recording)
+    (recording / "adapterkit_base.json").write_text(json.dumps({"default_steps": 2, "default_guidance": 3.0, "default_image_guidance": 2.0}))
+    args = ["edit", "--adapter", str(setup / "derain"), str(setup / "in.png"), "--instruction", "derain the image", "--quiet"]
+    code, out = run([*args, "--base", str(recording), "--output", str(setup / "recorded.png")])
+    assert code == 0, out
+    assert "sampler: 2 steps, guidance 3, image guidance 2 (recorded by the base)" in out
+    bank = AdapterBank(tiny_base)
+    bank.add(load_adapter(str(setup / "derain")))
+    expected = bank.edit(Image.open(setup / "in.png"), "derain the image", task="derain", steps=2, guidance=3.0, image_guidance=2.0)
+    np.testing.assert_array_equal(np.asarray(Image.open(setup / "recorded.png")), np.asarray(expected))
+    code, out = run([*args, "--base", tiny_base_dir, "--output", str(setup / "blog.png"), *FAST])
+    assert code == 0 and "sampler: 2 steps, guidance 7, image guidance 1.5 (steps given; guidance, image guidance the IP2P blog's default)" in out, out
+    jobs = setup / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": "in.png", "instruction": "derain the image"}) + "\n")
+    code, out = run(["edit", "--base", str(recording), "--adapter", str(setup / "derain"), "--jobs", str(jobs),
+                     "--output", str(setup / "outs"), "--quiet", "--guidance", "5"])
+    assert code == 0, out
+    sampler = json.loads((setup / "outs" / "results.json").read_text())["sampler"]
+    assert sampler == {"steps": 2, "guidance": 5.0, "image_guidance": 2.0,
+                       "source": {"steps": "base", "guidance": "given", "image_guidance": "base"}}

@@ -133,3 +133,25 @@ def test_merge_view_retention_formula():
     assert merge_view(rows, summary, "m", None)["psnr_retention"] is None
     flat = summarise_task([{"metrics": {"base": {"psnr": 10.0}, "a": {"psnr": 10.0}, "m": {"psnr": 11.0}}, "vs_task_adapter": {"m": 40.0}}], ["base", "a", "m"])
     assert merge_view(rows[:1], flat, "m", "a")["psnr_retention"] is None  # adapter = base: undefined, not infinite
+
+
+def test_retention_is_not_applicable_when_the_adapter_gain_is_within_noise_issue_18():
+    """-0.09 dB of adapter gain printed retention 460%: a ratio over a gain within the rows' noise is n/a, with why."""
+    from adapterkit.eval.report import _merge_line
+
+    def rows(adapter_gains):
+        return [{"metrics": {"base": {"psnr": 10.0}, "a": {"psnr": 10.0 + g}, "m": {"psnr": 10.5}}, "vs_task_adapter": {"m": 30.0}}
+                for g in adapter_gains]
+
+    noisy = rows([1.0, -1.2, 0.5, -0.6])  # mean -0.075 dB, interval across zero
+    view = merge_view(noisy, summarise_task(noisy, ["base", "a", "m"]), "m", "a")
+    assert view["psnr_retention"] is None and "not above the rows' noise" in view["note"]
+    assert view["adapter_gain"]["n"] == 4 and view["adapter_gain"]["ci95"][0] < 0 < view["adapter_gain"]["ci95"][1]
+    assert "PSNR retention n/a (the task adapter's gain over the base (-0.07 dB" in _merge_line("m", view)
+    worse = rows([-2.0, -2.1, -1.9])  # clearly harmful: no retention either
+    assert merge_view(worse, summarise_task(worse, ["base", "a", "m"]), "m", "a")["psnr_retention"] is None
+    clear = rows([2.0, 2.2, 1.8])  # above the noise: 0.5 / 2.0
+    view = merge_view(clear, summarise_task(clear, ["base", "a", "m"]), "m", "a")
+    assert view["note"] is None and view["psnr_retention"] == pytest.approx(0.25)
+    one = rows([2.0])
+    assert "no noise estimate" in merge_view(one, summarise_task(one, ["base", "a", "m"]), "m", "a")["note"]

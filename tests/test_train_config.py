@@ -17,7 +17,9 @@ REQUIRED = {"base": "builtin:tiny-random", "data": "data", "method": "lora", "ta
 
 def test_defaults_are_valid_and_frozen():
     cfg = TrainConfig(**REQUIRED)
-    assert cfg.optimizer == "adamw8bit" and cfg.conditioning_dropout == 0.05 and cfg.mixed_precision == "no"
+    assert cfg.optimizer is None and cfg.conditioning_dropout == 0.05 and cfg.mixed_precision == "no"  # None: not given
+    plain, from_base = cfg.resolved({})  # a base that recommends nothing: the plain defaults
+    assert from_base == {} and plain.optimizer == "adamw8bit" and plain.steps == 1000 and plain.rank == 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.steps = 3
 
@@ -34,7 +36,7 @@ def test_defaults_are_valid_and_frozen():
         ({"mixed_precision": "fp8"}, "--mixed-precision must be one of"),
         ({"steps": "10"}, "must be int"),
         ({"task": ""}, "--task"),
-        ({"warmup_steps": 10}, "--lr-scheduler constant_with_warmup"),
+        ({"warmup_steps": 10, "lr_scheduler": "constant"}, "--lr-scheduler constant_with_warmup"),
     ],
 )
 def test_bad_values_name_the_option(changes, words):
@@ -112,3 +114,27 @@ def test_repeated_instruction_flags_reach_the_config(monkeypatch):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "stop here" in result.output
     assert seen["cfg"].instructions == ("derain it", "remove the rain")
+
+
+def test_base_recommendations_fill_only_settings_not_given_issue_18(tmp_path):
+    """A base's training_defaults (per method) fill what no flag or --config key set; the rest stays plain."""
+    from adapterkit.base import read_base_info
+
+    info = read_base_info("builtin:tiny")
+    lora, cd = info["training_defaults"]["lora"], info["training_defaults"]["custom-diffusion"]
+    cfg, from_base = TrainConfig(**{**REQUIRED, "base": "builtin:tiny"}, steps=7).resolved(info)
+    assert cfg.steps == 7 and "steps" not in from_base  # given: kept
+    assert cfg.rank == lora["rank"] == from_base["rank"] and cfg.batch_size == lora["batch_size"]
+    assert cfg.learning_rate == lora["learning_rate"] and cfg.cache_latents is lora["cache_latents"]
+    cfg, from_base = TrainConfig(**{**REQUIRED, "base": "builtin:tiny", "method": "custom-diffusion"}).resolved(info)
+    assert from_base == cd and cfg.rank == 4  # custom-diffusion recommends no rank: the plain default
+    toml = tmp_path / "run.toml"
+    toml.write_text("learning_rate = 0.5\n")
+    cfg, from_base = TrainConfig.from_sources(str(toml), {**REQUIRED, "method": "lora"}).resolved(info)
+    assert cfg.learning_rate == 0.5 and "learning_rate" not in from_base  # a --config key counts as given
+    with pytest.raises(AdapterkitError, match="--lr-scheduler constant_with_warmup"):  # checked once resolved
+        TrainConfig(**REQUIRED, warmup_steps=10).resolved({})
+    with pytest.raises(AdapterkitError, match="may recommend only"):
+        TrainConfig(**REQUIRED).resolved({"training_defaults": {"lora": {"warmup_steps": 3}}})
+    with pytest.raises(AdapterkitError, match="--lr-scheduler must be one of"):
+        TrainConfig(**REQUIRED).resolved({"training_defaults": {"lora": {"lr_scheduler": "wild"}}})

@@ -52,9 +52,11 @@ def merge_view(rows: list[dict], summary: dict, merge_column: str, adapter_colum
     """Retention of one merge on one task, and how close its outputs are to the task adapter's own.
 
     retention = (PSNR(merged) - PSNR(base)) / (PSNR(task adapter) - PSNR(base)), on the task's mean PSNR:
-    1 keeps the adapter's whole gain over the base, 0 none of it. None when there is no task adapter or the
-    adapter's gain is below RETENTION_MIN_GAIN dB. `psnr_vs_task_adapter` is the PSNR between the merged and
-    the task adapter's outputs on the same rows (same seed): high means the merge reproduces the adapter.
+    1 keeps the adapter's whole gain over the base, 0 none of it. A ratio over a gain within the noise means
+    nothing (issue 18: -0.09 dB gave "460%"), so it is None, with the reason in "note", unless the adapter's
+    per-row gain over the base (same input, instruction and seed in both columns) has a 95% interval above zero;
+    "adapter_gain" keeps that interval. `psnr_vs_task_adapter` is the PSNR between the merged and the task
+    adapter's outputs on the same rows (same seed): high means the merge reproduces the adapter.
     """
     view = {"task_adapter": adapter_column, "psnr_retention": None, "psnr_vs_task_adapter": None}
     if adapter_column is None:
@@ -65,12 +67,27 @@ def merge_view(rows: list[dict], summary: dict, merge_column: str, adapter_colum
     base = summary["base"]["psnr"]["mean"]
     # the gains over the base, in dB: a retention far from [0, 1] usually means a gain within the noise
     view["merged_gain_db"], view["adapter_gain_db"] = merged - base, adapter - base
-    if abs(adapter - base) < RETENTION_MIN_GAIN:
-        view["note"] = "the task adapter's PSNR equals the base's; retention is undefined"
-    else:
+    gain = summarise([r["metrics"][adapter_column]["psnr"] - r["metrics"]["base"]["psnr"] for r in rows])
+    view["adapter_gain"] = gain
+    view["note"] = retention_not_applicable(gain)
+    if view["note"] is None:
         view["psnr_retention"] = (merged - base) / (adapter - base)
     view["psnr_vs_task_adapter"] = summarise([r["vs_task_adapter"][merge_column] for r in rows])
     return view
+
+
+def retention_not_applicable(gain: dict) -> str | None:
+    """Why retention is not applicable for an adapter whose per-row gain over the base is `gain` (summarise()),
+    or None when the gain is above the rows' noise (its 95% interval excludes zero, on the positive side)."""
+    if abs(gain["mean"]) < RETENTION_MIN_GAIN:
+        return "the task adapter's PSNR equals the base's; retention is undefined"
+    if gain["ci95"] is None:
+        return f"one row: the task adapter's gain ({gain['mean']:+.2f} dB) has no noise estimate"
+    low, high = gain["ci95"]
+    if low <= 0:
+        return (f"the task adapter's gain over the base ({gain['mean']:+.2f} dB, 95% interval {low:+.2f} to "
+                f"{high:+.2f} over {gain['n']} rows) is not above the rows' noise")
+    return None
 
 
 # --------------------------------------------------------------------------------------------- printed table
@@ -90,7 +107,7 @@ def _digits(metric: str) -> int:
 def format_table(report: dict) -> str:
     """Plain-text table per task (mean ±95% half-width), then the merge view lines."""
     data = report["data"]
-    lines = [f"data {data.get('read_from') or data['source']} (split {data['split']})"]
+    lines = [f"data {data.get('read_from') or data['source']} (split {data['split']})", describe_sampler(report["generation"])]
     for task, section in report["tasks"].items():
         metrics = [m for m in METRIC_LABELS if any(m in section["metrics"][c] for c in section["columns"])]
         lines.append(f"task {task}: {section['n_rows']} rows")
@@ -117,9 +134,18 @@ def _merge_line(merge: str, view: dict) -> str:
     if adapter is None:
         return f"merge {merge}: retention n/a ({view['note']})"
     retention = format_retention(view["psnr_retention"])
-    return (f"merge {merge}: PSNR retention {retention} vs {adapter} (gain over base: merged "
+    why = f" ({view['note']})" if view["psnr_retention"] is None and view.get("note") else ""
+    return (f"merge {merge}: PSNR retention {retention}{why} vs {adapter} (gain over base: merged "
             f"{view['merged_gain_db']:+.3f} dB, adapter {view['adapter_gain_db']:+.3f} dB); "
             f"PSNR to {adapter}'s outputs {_format_stat(view['psnr_vs_task_adapter'], 2)} dB")
+
+
+def describe_sampler(generation: dict) -> str:
+    """The sampler line of the table and report.html: values and where each came from (given, base, blog)."""
+    from ..base import Sampler
+
+    source = generation.get("sampler_source") or {}
+    return Sampler(generation["steps"], generation["guidance"], generation["image_guidance"], source).describe()
 
 
 # ----------------------------------------------------------------------------------------------------- HTML
@@ -184,15 +210,18 @@ def _merge_table(section: dict) -> str:
         return ""
     rows = []
     for merge, view in section["merges"].items():
-        retention = format_retention(view["psnr_retention"])
+        retention = html.escape(format_retention(view["psnr_retention"]))
+        why = html.escape(view["note"]) if view["psnr_retention"] is None and view.get("note") else ""
         close = _format_stat(view["psnr_vs_task_adapter"], 2)
         gains = [view.get("merged_gain_db"), view.get("adapter_gain_db")]
         gains = ["-" if g is None else f"{g:+.3f}" for g in gains]
         rows.append(f"<tr><td>{html.escape(merge)}</td><td>{html.escape(str(view['task_adapter']))}</td>"
-                    f"<td>{retention}</td><td>{gains[0]}</td><td>{gains[1]}</td><td>{html.escape(close)}</td></tr>")
+                    f"<td>{retention}</td><td>{gains[0]}</td><td>{gains[1]}</td><td>{html.escape(close)}</td>"
+                    f'<td class="note">{why}</td></tr>')
     return ('<table class="merges"><caption>merge view: retention = (merged - base) / (adapter - base) on PSNR'
             "</caption><tr><th>merge</th><th>task adapter</th><th>PSNR retention</th><th>merged gain (dB)</th>"
-            f"<th>adapter gain (dB)</th><th>PSNR to adapter outputs (dB)</th></tr>{''.join(rows)}</table>")
+            f"<th>adapter gain (dB)</th><th>PSNR to adapter outputs (dB)</th><th>retention n/a because</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _grid_table(task_folder: str, section: dict) -> str:
@@ -219,8 +248,7 @@ def render_html(report: dict) -> str:
         f'<p>base <code>{html.escape(str(report["base"]["name_or_path"]))}</code> '
         f'(fingerprint <code>{html.escape(str(report["base"]["fingerprint"]))}</code>); data '
         f'<code>{html.escape(str(report["data"].get("read_from") or report["data"]["source"]))}</code> split {html.escape(str(report["data"]["split"]))}; '
-        f'{gen["steps"]} step{"s" if gen["steps"] != 1 else ""}, guidance {gen["guidance"]}, image guidance {gen["image_guidance"]}, '
-        f'resolution {gen["resolution"]}, seed {gen["seed"]} + row.</p>',
+        f'{html.escape(describe_sampler(gen))}; resolution {gen["resolution"]}, seed {gen["seed"]} + row.</p>',
     ]
     for name, status in report["skipped"].items():
         parts.append(f'<p class="note">{html.escape(name)}: {html.escape(status)}</p>')

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..adapters.record import Adapter
 from ..errors import AdapterkitError
 from ..fileio import atomic_file, atomic_folder
-from ..inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS, to_rgb
+from ..inference import to_rgb
 from . import metrics as M
 from . import report as R
 from .columns import Column, OutputCache, _unique, base_hash, build_columns, image_hash, safe_name
@@ -197,9 +197,9 @@ def evaluate(
     limit: int | None = None,
     task_rows: str = "auto",
     instructions: str = "data",
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    image_guidance: float = DEFAULT_IMAGE_GUIDANCE,
+    steps: int | None = None,
+    guidance: float | None = None,
+    image_guidance: float | None = None,
     seed: int = 0,
     resolution: int | None = None,
     clip_model: str | None = None,
@@ -210,9 +210,9 @@ def evaluate(
     """Judge `adapters` (folders or Adapter objects; merged ones included) against the base on `data`.
 
     `base` is a name/path for `load_base` or a loaded Base (it is not modified once the eval returns). Writes
-    report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`.
+    report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`. Sampler
+    settings left at None: the base's recorded defaults, else the blog's 20 / 7 / 1.5 (report.json "generation").
     """
-    from ..adapters.bank import AdapterBank
     from ..base import Base, load_base
 
     _check_options(task_rows, instructions, limit, output)
@@ -225,10 +225,9 @@ def evaluate(
     tasks = [t for t in tasks if t in rows]
     scorers = load_scorers(clip_model, device or "cpu")
     keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights
-    bank = AdapterBank(loaded, force=force)
-    for column in columns[1:]:
-        bank.add(Adapter(**{**column.adapter.__dict__, "task": column.name}))
-    settings = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "resolution": resolution}
+    bank = _make_bank(loaded, columns, force)
+    sampler = loaded.sampler(steps, guidance, image_guidance)  # issue 18: the base's own defaults unless given
+    settings = {**sampler.options(), "resolution": resolution}  # part of every cache key
     folders = _task_folders(tasks)
     cache = OutputCache(os.path.join(output, "cache"))
     try:
@@ -238,11 +237,21 @@ def evaluate(
         bank.close()  # the caller's Base is left as it came (no live LoRA slot): it can be evaluated again
     sections = _score_all(output, tasks, columns, rows, folders, scorers, quiet)
     # issue 19: the split and file actually read (a demo-data eval folder read with the default --split train is split eval)
-    read = {"split": dataset.split, "requested_split": split, "read_from": dataset.read_from}
-    report = build_report(loaded, data, {**data_options, **read, "limit": limit, "task_rows": task_rows,
-                                         "instructions": instructions}, settings, seed, columns, sections,
-                          {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
+    data_options.update(split=dataset.split, requested_split=split, read_from=dataset.read_from, limit=limit,
+                        task_rows=task_rows, instructions=instructions)
+    report = build_report(loaded, data, data_options, {**settings, "sampler_source": dict(sampler.source)}, seed, columns,
+                          sections, {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
     return _write_outputs(output, report, cache)
+
+
+def _make_bank(loaded, columns: list[Column], force: bool):
+    """An AdapterBank on the base holding every adapter column under the column's name."""
+    from ..adapters.bank import AdapterBank
+
+    bank = AdapterBank(loaded, force=force)
+    for column in columns[1:]:
+        bank.add(Adapter(**{**column.adapter.__dict__, "task": column.name}))
+    return bank
 
 
 def _score_all(output: str, tasks: list[str], columns: list[Column], rows: dict, folders: dict, scorers: Scorers,

@@ -241,10 +241,13 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
     m, d_text = (int(x) for x in targets.rows.shape)
     info = {"constraint_rows": m, "d_text": d_text}
     if exact and m >= d_text:
-        brought = ", ".join(f"{t.task} {t.rows.shape[0]}" for t in inputs.tasks)
+        each = ", ".join(f"{t.task} {t.rows.shape[0]} from {len(set(t.texts))} instruction{'s' * (len(set(t.texts)) != 1)}"
+                         for t in inputs.tasks)
         raise AdapterkitError(
-            f"exact lsq needs fewer target token rows than the {d_text} text dimensions, but the adapters bring {m} "
-            f"({brought}; shared rows counted once); use --method lsq-soft, or fewer or shorter instructions"
+            f"{m} target token rows ({each}; a row shared by several tasks counts once) but the text features have "
+            f"only {d_text} dimensions: exact lsq needs fewer rows than dimensions (with m >= d the rows alone fix K/V "
+            f"on every prompt); pass --method lsq-soft (the soft form, always solvable), or merge adapters that store "
+            f"fewer or shorter instructions (fewer than {d_text} rows in all)"
         )
     if exact:
         left, right, condition = lsq.exact_projection(gram, targets.rows, ridge)

@@ -57,21 +57,24 @@ class TrainConfig:
     instructions: tuple[str, ...] = _f((), "Instruction synonym (repeatable); one is sampled per example per step instead of the column.", "data", flag="instruction")
     instructions_file: str | None = _f(None, "File of instruction synonyms, one per line (joins --instruction).", "data", flag="instructions")
     max_skipped_fraction: float = _f(0.1, "Stop with an error once more than this fraction of rows had unreadable images.", "data")
-    cache_latents: bool = _f(False, "Encode every row once (VAE latents, text features) before training: for small datasets.", "data")
+    cache_latents: bool | None = _f(None, "Encode every row once (VAE latents, text features) before training: for small datasets. "
+                                    "Default: the base's recommendation, else off.", "data")
 
     # ---- adapter
-    rank: int = _f(4, "LoRA rank r.", "adapter")
+    rank: int | None = _f(None, "LoRA rank r. Default: the base's recommendation, else 4.", "adapter")
     lora_alpha: float | None = _f(None, "LoRA alpha; default: equal to the rank (scale 1).", "adapter")
     targets: str = _f("kv", "LoRA target modules: kv (attn2 K/V, mergeable), attn (all attention projections), or a comma list.", "adapter")
 
     # ---- optimisation
-    steps: int = _f(1000, "Optimizer steps.", "optimisation")
-    batch_size: int = _f(4, "Examples per process per micro-step.", "optimisation")
+    steps: int | None = _f(None, "Optimizer steps. Default: the base's recommendation, else 1000.", "optimisation")
+    batch_size: int | None = _f(None, "Examples per process per micro-step. Default: the base's recommendation, else 4.", "optimisation")
     gradient_accumulation: int = _f(1, "Micro-steps per optimizer step.", "optimisation")
-    learning_rate: float = _f(1e-4, "Peak learning rate.", "optimisation")
-    lr_scheduler: str = _f("constant", "Learning-rate schedule (diffusers.optimization).", "optimisation", choices=LR_SCHEDULERS)
+    learning_rate: float | None = _f(None, "Peak learning rate. Default: the base's recommendation, else 1e-4.", "optimisation")
+    lr_scheduler: str | None = _f(None, "Learning-rate schedule (diffusers.optimization). Default: the base's "
+                                  "recommendation, else constant.", "optimisation", choices=LR_SCHEDULERS)
     warmup_steps: int = _f(0, "Linear warm-up steps (schedules with warm-up).", "optimisation")
-    optimizer: str = _f("adamw8bit", "adamw8bit (bitsandbytes, 8-bit states) or adamw (torch, fp32 states).", "optimisation", choices=OPTIMIZERS)
+    optimizer: str | None = _f(None, "adamw8bit (bitsandbytes, 8-bit states) or adamw (torch, fp32 states). Default: the "
+                               "base's recommendation, else adamw8bit.", "optimisation", choices=OPTIMIZERS)
     # 0, not diffusers' 1e-2: AdamW decays toward zero, and Custom Diffusion trains full K/V weights, not deltas.
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay.", "optimisation")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).", "optimisation")
@@ -109,16 +112,16 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         positive = ("steps", "batch_size", "gradient_accumulation", "rank", "validation_rows", "validation_inference_steps")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise AdapterkitError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "validation_steps", "checkpoint_steps", "checkpoints_total_limit", "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise AdapterkitError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise AdapterkitError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise AdapterkitError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.warmup_steps and self.lr_scheduler == "constant":
+        if self.warmup_steps and self.lr_scheduler == "constant":  # None: decided by resolved(), which checks again
             raise AdapterkitError("--warmup-steps needs a schedule with warm-up: pass --lr-scheduler constant_with_warmup (or linear, cosine)")
         if self.limit is not None and self.limit < 1:
             raise AdapterkitError(f"--limit must be at least 1, got {self.limit}")
@@ -151,9 +154,48 @@ class TrainConfig:
         _reject_unknown(changes, "option")
         return dataclasses.replace(self, **changes)
 
+    def resolved(self, base_info: dict, base_file: str = "adapterkit_base.json") -> tuple[TrainConfig, dict]:
+        """(this config with every setting left at None filled in, {setting: value} of those the base recommended).
+
+        Issue 18: the plain defaults (diffusers' script's) learn almost nothing on a tiny base in minutes, so a base
+        may record per method the settings it was tuned to train with (`training_defaults` in adapterkit_base.json);
+        they fill only what neither a flag nor a --config file set. Everything else gets PLAIN_DEFAULTS.
+        """
+        recommended = recommended_settings(base_info, self.method, base_file)
+        from_base = {k: v for k, v in recommended.items() if getattr(self, k) is None}
+        plain = {k: v for k, v in PLAIN_DEFAULTS.items() if getattr(self, k) is None and k not in from_base}
+        return dataclasses.replace(self, **from_base, **plain), from_base
+
     def to_dict(self) -> dict:
         """Plain JSON/TOML types (tuples become lists), in field order."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)}
+
+
+# Settings a TrainConfig may leave at None ("not given"): the base's recommendation fills them, else these
+# (diffusers' train_instruct_pix2pix.py values, with bitsandbytes' 8-bit AdamW).
+PLAIN_DEFAULTS = {"steps": 1000, "batch_size": 4, "learning_rate": 1e-4, "lr_scheduler": "constant", "rank": 4,
+                  "optimizer": "adamw8bit", "cache_latents": False}
+BASE_TRAINING_KEY = "training_defaults"  # in adapterkit_base.json: {method: {setting: value}}
+
+
+def recommended_settings(base_info: dict, method: str, base_file: str = "adapterkit_base.json") -> dict:
+    """The settings a base recommends for `method` ({} when it records none); unknown settings are refused."""
+    table = base_info.get(BASE_TRAINING_KEY) or {}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise AdapterkitError(f"{base_file}: '{BASE_TRAINING_KEY}' must map each method to an object of settings")
+    settings = dict(table.get(method, {}))
+    unknown = [k for k in settings if k not in PLAIN_DEFAULTS]
+    if unknown:
+        raise AdapterkitError(f"{base_file}: '{BASE_TRAINING_KEY}.{method}' sets {', '.join(unknown)}; a base may "
+                              f"recommend only {', '.join(PLAIN_DEFAULTS)}")
+    return settings
+
+
+def describe_recommended(from_base: dict, base: str) -> str:
+    """The line train prints: 'settings recommended by builtin:tiny for options not given: rank 32, ...'."""
+    shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731
+    values = ", ".join(f"{k.replace('_', ' ')} {shown(v)}" for k, v in from_base.items())
+    return f"settings recommended by {base} (its adapterkit_base.json) for options not given: {values}"
 
 
 HINTS = typing.get_type_hints(TrainConfig)  # field -> its type: the CLI builds each flag's type from it

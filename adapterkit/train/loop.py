@@ -32,14 +32,15 @@ from tqdm.auto import tqdm
 
 from ..adapters import get_method
 from ..adapters.record import Adapter, load_adapter
-from ..base import load_base
+from ..base import load_base, read_base_info
 from ..data import EditDataset, load_edit_dataset, read_instructions_file
 from ..errors import AdapterkitError
 from ..faults import fault_point
 from . import checkpoints
 from .batches import BatchStream, LatentCache, encode_text, seeded_generator
 from .checkpoints import CHECKPOINTS, LOG_FILE, LOGS, StopSignal, TrainingInterrupted  # noqa: F401 (re-exported for the CLI)
-from .config import TrainConfig
+from ..fileio import BASE_INFO_FILE
+from .config import TrainConfig, describe_recommended
 from .setup import (
     check_resolution, describe_rows, hold_out, init_trackers, make_accelerator, make_adapter_trainable, make_optimizer,
     row_counts,
@@ -77,6 +78,7 @@ class _Run:
     resolution: int
     null_text: torch.Tensor  # (1, 77, d): features of "", the dropped text condition
     options: dict | None  # the method's options (adapters/<method>.training_options)
+    recommended_by_base: dict = field(default_factory=dict)  # settings the base's adapterkit_base.json filled in
     stream: BatchStream | None = None  # made once the latent cache (if any) is built
 
     @property
@@ -90,9 +92,16 @@ class _Run:
 
 # ==================================================================================================== the recipe
 def train(cfg: TrainConfig) -> Adapter:
-    """Train one adapter as `cfg` says and write it to `cfg.output`; returns the saved Adapter."""
+    """Train one adapter as `cfg` says and write it to `cfg.output`; returns the saved Adapter.
+
+    Settings left at None take the base's recommendation (adapterkit_base.json), else the plain defaults
+    (TrainConfig.resolved); the line printed and adapter.json's training.recommended_by_base say which."""
+    cfg, from_base = cfg.resolved(read_base_info(cfg.base), f"{cfg.base}'s {BASE_INFO_FILE}")
     accelerator = make_accelerator(cfg)
+    if from_base:
+        accelerator.print(describe_recommended(from_base, cfg.base))
     run = _setup(cfg, accelerator)
+    run.recommended_by_base = from_base
     state = _resume(run) if cfg.resume else TrainerState()
     if accelerator.is_main_process:  # the log reads like one run: rows after the starting step are dropped
         checkpoints.truncate_log(os.path.join(cfg.output, LOGS, LOG_FILE), state.step)
@@ -332,6 +341,7 @@ def _current_adapter(run: _Run, state: TrainerState) -> Adapter:
         "skipped_rows": len(state.skipped),
         "rows_without_instruction": len(run.dataset.dropped),
         "rows": row_counts(run.dataset, run.validation_indices, run.train_indices, len(state.skipped)),
+        "recommended_by_base": dict(run.recommended_by_base),
     }
     return Adapter(
         method=cfg.method,

@@ -1,0 +1,98 @@
+"""Issue 18: what a new user gets from the README's walk-through with default options on builtin:tiny.
+
+The walk-through block runs here at smoke sizes (bench/quickstart.py runs it as written and prints its figures);
+the full-size training bar (>= 2 dB with only the required options) is the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shlex
+
+import pytest
+from click.testing import CliRunner
+
+from adapterkit.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+# appended to each command: click keeps an option's last value (the same overrides as bench/quickstart.py --smoke)
+SMOKE = {"demo-data": ["--rows", "8"], "train": ["--steps", "2", "--validation-steps", "0"],
+         "eval": ["--steps", "2", "--limit", "2"], "edit": ["--steps", "2"]}
+
+
+def walkthrough() -> list[list[str]]:
+    text = open(README, encoding="utf-8").read()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("<!-- walkthrough"):], re.S).group(1)
+    return [shlex.split(line)[1:] for line in block.replace("\\\n", " ").splitlines() if line.startswith("adapterkit ")]
+
+
+def test_readme_walkthrough_runs_end_to_end_with_default_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = walkthrough()
+    assert [c[0] for c in commands] == ["demo-data"] * 3 + ["train"] * 2 + ["merge", "eval", "edit"]
+    for args in commands[3:5]:  # train: only the five required options, nothing tuned
+        assert sorted(a for a in args if a.startswith("--")) == ["--base", "--data", "--method", "--output", "--task"]
+    printed = {}
+    for args in commands:
+        result = CliRunner().invoke(main, args + SMOKE.get(args[0], []))
+        assert result.exit_code == 0, f"{shlex.join(args)}\n{result.output}"
+        printed.setdefault(args[0], []).append(result.output)
+    from adapterkit.base import read_base_info
+
+    recommended = read_base_info("builtin:tiny")["training_defaults"]
+    for folder, method in (("adapters/derain", "lora"), ("adapters/cartoonize", "custom-diffusion")):
+        training = json.load(open(tmp_path / folder / "adapter.json"))["training"]
+        expected = {k: v for k, v in recommended[method].items() if k != "steps"}  # --steps 2 given by the smoke run
+        assert training["recommended_by_base"] == expected
+        assert all(training[k] == v for k, v in expected.items())
+    assert all("settings recommended by builtin:tiny" in out for out in printed["train"])
+    assert "sampler: 2 steps, guidance 3, image guidance 2 (steps given; guidance, image guidance recorded by the base)" in printed["eval"][0]
+    report = json.load(open(tmp_path / "report" / "report.json"))
+    assert report["generation"]["guidance"] == 3.0 and report["generation"]["sampler_source"]["guidance"] == "base"
+    for section in report["tasks"].values():  # 2 rows of 2 steps: retention is n/a unless the gain clears the noise
+        view = section["merges"]["merged"]
+        assert (view["psnr_retention"] is None) == (view["adapter_gain"]["ci95"][0] <= 0)
+        if view["psnr_retention"] is None:  # the reason is in the table and report.html too
+            assert view["note"] in printed["eval"][0]
+            assert html.escape(view["note"]) in open(tmp_path / "report" / "report.html").read()
+    assert "guidance 3, image guidance 2 (steps given; guidance, image guidance recorded by the base)" in printed["edit"][0]
+    assert os.path.isfile(tmp_path / "derained.png")
+
+
+def test_default_lsq_refusal_names_each_adapters_rows_and_the_fix():
+    """The README's two adapters store five phrasings each: 54 rows > builtin:tiny v1's 32 text dimensions."""
+    from adapterkit.base import load_base
+    from adapterkit.demo.tasks import get_task
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.merge import merge
+    from adapterkit.testing import random_custom_diffusion, random_lora
+
+    base = load_base("builtin:tiny")
+    derain = random_lora(base, "derain", rank=2, seed=1, instructions=list(get_task("derain").instructions))
+    cartoonize = random_custom_diffusion(base, "cartoonize", seed=2, instructions=list(get_task("cartoonize").instructions))
+    with pytest.raises(AdapterkitError) as refused:
+        merge([derain, cartoonize], base, "lsq")
+    message = str(refused.value)
+    assert "54 target token rows (derain 27 from 5 instructions, cartoonize 27 from 5 instructions;" in message
+    assert "only 32 dimensions" in message and "pass --method lsq-soft" in message
+    merge([derain, cartoonize], base, "lsq-soft")  # the option the message names does merge them
+
+
+@pytest.mark.slow  # ~4 min on one thread; bench/quickstart.py measures both methods at full size
+def test_train_with_only_the_required_options_gains_2_db_on_builtin_tiny(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = lambda *args: CliRunner().invoke(main, list(args))  # noqa: E731
+    assert run("demo-data", "--task", "cartoonize", "--output", "train", "--quiet").exit_code == 0
+    assert run("demo-data", "--task", "cartoonize", "--split", "eval", "--rows", "16", "--output", "eval", "--quiet").exit_code == 0
+    trained = run("train", "--base", "builtin:tiny", "--data", "train", "--method", "custom-diffusion", "--task",
+                  "cartoonize", "--output", "cartoonize", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    judged = run("eval", "--base", "builtin:tiny", "--data", "eval", "--adapter", "cartoonize", "--output", "report", "--quiet")
+    assert judged.exit_code == 0, judged.output
+    metrics = json.load(open(tmp_path / "report" / "report.json"))["tasks"]["cartoonize"]["metrics"]
+    gain = metrics["cartoonize"]["psnr"]["mean"] - metrics["base"]["psnr"]["mean"]
+    assert gain >= 2.0, judged.output
