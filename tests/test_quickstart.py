@@ -77,7 +77,7 @@ def test_default_lsq_refusal_names_each_adapters_rows_and_the_fix():
     with pytest.raises(AdapterkitError) as refused:
         merge([derain, cartoonize], base, "lsq")
     message = str(refused.value)
-    assert "54 target token rows (derain 27 from 5 instructions, cartoonize 27 from 5 instructions;" in message
+    assert "54 target token rows (derain 31 from 5 instructions, cartoonize 28 from 5 instructions;" in message
     assert "only 32 dimensions" in message and "pass --method lsq-soft" in message
     merge([derain, cartoonize], base, "lsq-soft")  # the option the message names does merge them
 

@@ -25,6 +25,9 @@ from ..errors import AdapterkitError
 from .safe_load import load_safetensors, load_torch_bin
 
 EXTENSIONS = (".safetensors", ".bin")
+# adapterkit's own companion files in an adapter folder, never token files: a merged adapter's constraint rows and
+# targets (merge/incremental.py reads and writes it under this name).
+MERGE_CONSTRAINTS_FILE = "merge_constraints.safetensors"
 _REGISTRY = "_adapterkit_tokens"  # pipe attribute: token -> (row id, the row's value when the token was added)
 
 
@@ -36,7 +39,7 @@ def read(folder: str, weight_files: set[str]) -> dict[str, torch.Tensor]:
     tokens: dict[str, torch.Tensor] = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if name in weight_files or not name.endswith(EXTENSIONS) or not os.path.isfile(path):
+        if name in weight_files or name == MERGE_CONSTRAINTS_FILE or not name.endswith(EXTENSIONS) or not os.path.isfile(path):
             continue
         token, embedding = _read_token_file(path)
         if token in tokens:

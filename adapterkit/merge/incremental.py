@@ -21,12 +21,13 @@ import weakref
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from ..adapters import tokens
 from ..adapters.safe_load import load_safetensors
 from ..errors import AdapterkitError
 from ..fileio import atomic_file
 from .lsq import TaskRows
 
-CONSTRAINTS_FILE = "merge_constraints.safetensors"
+CONSTRAINTS_FILE = tokens.MERGE_CONSTRAINTS_FILE  # adapters/tokens.py must know it is not a token file
 FORMAT = 1
 # In-memory copies for merged Adapter objects not read from a folder: id -> (weak reference, packed). Not an attribute
 # on the Adapter, whose fields other code copies by __dict__.
