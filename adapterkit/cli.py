@@ -300,3 +300,28 @@ def demo_command(output, base, train_steps, quiet):
     settings = DemoSettings(base=base, train_steps=train_steps or defaults.train_steps)
     click.echo(f"demo: writing to {os.path.abspath(output)}")
     click.echo(format_summary(run_demo(output, settings, quiet=quiet)))
+
+
+# --- serve command (issue 14) ---
+@main.command("serve")
+@click.option("--base", required=True, help=BASE_HELP)
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False, exists=True), help="Adapter folder to serve (repeatable).")
+@click.option("--adapter-dir", default=None, type=click.Path(file_okay=False), help="Folder of adapter folders: all are served, and POST/DELETE /v1/adapters/NAME load or drop them at run time.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Most requests edited in one pipeline call.")
+@click.option("--batch-wait-ms", default=20.0, show_default=True, type=click.FloatRange(0), help="How long a request waits for others to join its batch.")
+@click.option("--queue", default=64, show_default=True, type=click.IntRange(1), help="Most waiting requests; more get 503 with Retry-After.")
+@click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds a request may take (queue + compute); then 504.")
+@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Largest request body; larger ones get 413.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
+@click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet (after sizing the LoRA slot, so swaps do not recompile).")
+@click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
+def serve_command(base, adapters, adapter_dir, host, port, device, compile_unet, force, **limits):
+    """Serve a base and its adapters over HTTP: POST /v1/edit, a web page at /, /metrics, /docs. Needs the [serve] extra."""
+    from .demo.samples import sample_pngs
+    from .serve.run import serve
+    from .serve.settings import ServeSettings
+
+    serve(base, list(adapters), adapter_dir, host=host, port=port, settings=ServeSettings(**limits), device=device,
+          force=force, compile=compile_unet, samples=sample_pngs())
