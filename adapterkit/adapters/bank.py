@@ -21,7 +21,9 @@ import torch
 from ..base import Base, compute_fingerprint, cross_attention_kv_layers
 from ..errors import AdapterkitError
 from ..inference import encode_text
+from . import batched
 from .record import Adapter
+from .residency import Residency, state_bytes
 from .registry import get_method, method_names
 
 ROUTE_THRESHOLD = 0.9
@@ -42,7 +44,7 @@ def encode_instructions(pipe, texts: list[str]) -> torch.Tensor:
 class AdapterBank:
     """Hold adapters for one base and switch between them in place."""
 
-    def __init__(self, base, route_threshold: float = ROUTE_THRESHOLD, force: bool = False):
+    def __init__(self, base, route_threshold: float = ROUTE_THRESHOLD, force: bool = False, max_resident: int | None = None):
         if not isinstance(base, Base):  # a bare pipeline: fingerprint it now, before anything changes K/V
             base = Base(pipe=base, name_or_path=getattr(base, "name_or_path", None) or "pipeline", fingerprint=compute_fingerprint(base.unet))
         self.base = base
@@ -61,6 +63,10 @@ class AdapterBank:
         self._adapters: dict[str, Adapter] = {}
         self._features: dict[str, torch.Tensor] = {}
         self._active: str | None = None
+        self._residency = Residency(next(iter(self._kv_layers.values())).weight.device, max_resident)
+        self._row_weights: dict = {}  # task -> batched.RowWeights, made on first use in edit_batch
+        # Per-sample K/V processors (adapters/batched.py): without their keyword they run the original processors.
+        self._processors = batched.install(self.pipe.unet, {name.rsplit(".", 1)[0] for name in self._kv_layers})
 
     # ----------------------------------------------------------------------------------------------- contents
     @property
@@ -91,6 +97,7 @@ class AdapterBank:
             if adapter.instructions:
                 self._features[adapter.task] = encode_instructions(self.pipe, adapter.instructions)
             self._swap(stored.method).add(stored)
+            self.touch(adapter.task)
             return adapter.task
 
     # ------------------------------------------------------------------------------------------------ swapping
@@ -112,6 +119,8 @@ class AdapterBank:
             if task == self._active:
                 return
             adapter = self.get(task) if task is not None else None
+            if task is not None:
+                self.touch(task)
             previous = self._adapters[self._active].method if self._active is not None else None
             if previous is not None and (adapter is None or adapter.method != previous):
                 self._swaps[previous].deactivate()
@@ -132,6 +141,9 @@ class AdapterBank:
                 swap.close()
             self._adapters.clear()
             self._features.clear()
+            self._row_weights.clear()
+            self._residency = Residency(self._residency.device, self._residency.max_resident)
+            batched.uninstall(self.pipe.unet, self._processors)
 
     # ------------------------------------------------------------------------------------------------- routing
     def route(self, instruction: str) -> tuple[str | None, float]:
@@ -161,3 +173,48 @@ class AdapterBank:
                 task, _score = self.route(instruction)
             self.activate(task)
             return run_pipeline(self.pipe, image, instruction, **options)
+
+    def edit_batch(self, images, instructions, tasks=None, seeds=None, **options) -> list:
+        """Edit many images in one pipeline call per image size, each with its own task and seed.
+
+        tasks[i]: a task name, None for the base, or AUTO to route by instruction; tasks=None routes every image.
+        seeds default to 0 each. Options as `run_pipeline` (steps, guidance, image_guidance, resolution,
+        output_type). Each output equals `edit(images[i], instructions[i], task=tasks[i], seed=seeds[i], **options)`
+        up to float rounding: attn2 K/V adapters are applied per image (adapters/batch_edit.py)."""
+        from .batch_edit import edit_batch
+
+        with self._lock:
+            return edit_batch(self, list(images), list(instructions), tasks, seeds, **options)
+
+    @property
+    def kv_layers(self) -> dict:
+        """attn2 to_k / to_v path -> the live base Linear (what the batched K/V path projects with)."""
+        return self._kv_layers
+
+    def row_weights(self, task: str):
+        """The task's K/V as the batched path reads them (cached; raises for adapters that cannot be mixed)."""
+        from .batch_edit import row_weights
+
+        if task not in self._row_weights:
+            self._row_weights[task] = row_weights(self.get(task))
+        return self._row_weights[task]
+
+    def touch(self, task: str) -> None:
+        """Mark the task as just used: paged in to the UNet's device if it was out, the least recently used beyond
+        `max_resident` paged out to CPU."""
+        with self._lock:
+            if self._residency.touch(self.get(task)):
+                self._row_weights.clear()  # cached K/V views of tensors that moved
+
+    @property
+    def resident(self) -> list[str]:
+        """Tasks whose tensors are on the UNet's device, least recently used first (at most max_resident)."""
+        return self._residency.resident
+
+    @property
+    def max_resident(self) -> int | None:
+        return self._residency.max_resident
+
+    def state_bytes(self, task: str) -> int:
+        """Bytes of one adapter's tensors: what it costs resident."""
+        return state_bytes(self.get(task))
