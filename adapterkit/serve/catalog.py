@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 from ..adapters import load_adapter
-from ..adapters.bank import AdapterBank
+from ..adapters.bank import AUTO, AdapterBank
 from ..errors import AdapterkitError, first_line
-from .inputs import ServeError, unknown_adapter
+from .inputs import BASE, ServeError, unknown_adapter
 
 
 class Catalog:
@@ -26,7 +26,11 @@ class Catalog:
 
     def add_folder(self, folder: str) -> str:
         """Load an adapter folder into the bank (start-up and --adapter-dir); AdapterkitError for a bad one."""
-        task = self.bank.add(load_adapter(folder))
+        adapter = load_adapter(folder)
+        if adapter.task in (AUTO, BASE):
+            raise AdapterkitError(f"adapter {folder} has the task name '{adapter.task}', which the API keeps for "
+                                  "routing (auto) and the base alone (base); change \"task\" in its adapter.json")
+        task = self.bank.add(adapter)
         self.sources[task] = os.path.abspath(folder)
         return task
 

@@ -7,7 +7,8 @@ adapterkit_batch_size                       requests per pipeline call (histogra
 adapterkit_batch_seconds                    duration of each pipeline call
 adapterkit_queue_depth                      requests waiting now (gauge)
 adapterkit_images_total{adapter}            images edited, by adapter ("base" for the base alone)
-adapterkit_swaps_total                      times the bank's active adapter changed between batches
+adapterkit_swaps_total                      batches whose adapters differ from the previous batch's (what a
+                                            one-adapter-at-a-time server would swap)
 adapterkit_dropped_total{reason}            edits dropped before any work: disconnected, timeout, shutdown
 adapterkit_adapters                         adapters loaded now (gauge)
 """
@@ -33,21 +34,22 @@ class Metrics:
         self.batch_seconds = Histogram("adapterkit_batch_seconds", "Duration of each pipeline call", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("adapterkit_queue_depth", "Requests waiting for a batch", registry=r)
         self.images = Counter("adapterkit_images", "Images edited", ["adapter"], registry=r)
-        self.swaps = Counter("adapterkit_swaps", "Changes of the bank's active adapter between batches", registry=r)
+        self.swaps = Counter("adapterkit_swaps", "Batches whose set of adapters differs from the previous batch's", registry=r)
         self.dropped = Counter("adapterkit_dropped", "Edits dropped before any work was done", ["reason"], registry=r)
         self.adapters = Gauge("adapterkit_adapters", "Adapters loaded", registry=r)
-        self._last_active = None
+        self._last_used: set | None = None  # adapters of the previous batch
 
-    def observe_batch(self, jobs, started: float, seconds: float, active) -> None:
-        """One pipeline call: `started` is its time.monotonic() start, `active` the bank's active adapter after it."""
+    def observe_batch(self, jobs, started: float, seconds: float) -> None:
+        """One pipeline call of `jobs` (tasks resolved), started at time.monotonic() `started`."""
         self.batch_size.observe(len(jobs))
         self.batch_seconds.observe(seconds)
         for job in jobs:
             self.images.labels(adapter=job.task or "base").inc()
             self.queue_wait.observe(max(0.0, started - job.submitted))
-        if active != self._last_active:
+        used = {job.task for job in jobs}
+        if used != self._last_used:
             self.swaps.inc()
-            self._last_active = active
+            self._last_used = used
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from ..adapters.bank import AUTO
 from ..errors import AdapterkitError
 from .inputs import ServeError, unknown_adapter
+
+log = logging.getLogger("adapterkit.serve")
 
 
 class QueueFull(Exception):
@@ -52,6 +55,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     drop_reason: str | None = None
+    score: float | None = None  # routing cosine, set in the worker when task was AUTO
 
     @property
     def key(self) -> tuple:
@@ -116,7 +120,13 @@ class Scheduler:
             if batch is None:
                 return
             with self._busy:
-                self._execute(batch)
+                try:
+                    self._execute(batch)
+                except Exception as e:  # noqa: BLE001 - the worker must outlive any one batch (a metrics bug, say)
+                    log.exception("batch failed")
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(e)
 
     def _next_batch(self) -> list[Job] | None:
         """Block until a batch is ready; None when stopping."""
@@ -163,8 +173,9 @@ class Scheduler:
         started = time.monotonic()
         bank = self.catalog.bank
         try:
-            scores = self._resolve_tasks(bank, jobs)
-            images = self._edit(bank, jobs)
+            self._resolve_tasks(bank, jobs)
+            images = bank.edit_batch([j.image for j in jobs], [j.instruction for j in jobs], tasks=[j.task for j in jobs],
+                                     seeds=[j.seed for j in jobs], **jobs[0].options)
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others: retry them one by one
             if len(jobs) > 1 and isinstance(e, (AdapterkitError, ServeError, ValueError)):
                 for job in jobs:
@@ -175,30 +186,15 @@ class Scheduler:
             return
         compute_s = time.monotonic() - started
         self._recent_batch_s = compute_s
-        self.metrics.observe_batch(jobs, started, compute_s, bank.active)
-        for job, image, score in zip(jobs, images, scores):
-            job.future.set_result(Outcome(image, job.task, score, len(jobs), started - job.submitted, compute_s))
+        self.metrics.observe_batch(jobs, started, compute_s)
+        for job, image in zip(jobs, images):
+            job.future.set_result(Outcome(image, job.task, job.score, len(jobs), started - job.submitted, compute_s))
 
     @staticmethod
-    def _resolve_tasks(bank, jobs: list[Job]) -> list[float | None]:
+    def _resolve_tasks(bank, jobs: list[Job]) -> None:
         """Route the jobs that asked for AUTO (their task becomes the routed one); check the others still exist."""
-        scores = []
         for job in jobs:
             if job.task == AUTO:
-                job.task, score = bank.route(job.instruction)
-                scores.append(score)
-            else:
-                if job.task is not None and job.task not in bank:  # removed while the request waited
-                    raise unknown_adapter(job.task, bank.tasks)
-                scores.append(None)
-        return scores
-
-    @staticmethod
-    def _edit(bank, jobs: list[Job]) -> list:
-        options = jobs[0].options
-        if hasattr(bank, "edit_batch"):
-            return bank.edit_batch([j.image for j in jobs], [j.instruction for j in jobs], tasks=[j.task for j in jobs],
-                                   seeds=[j.seed for j in jobs], **options)
-        # Interim path until AdapterBank.edit_batch (issue 13) is merged: one pipeline call per request, in order.
-        return [bank.edit(j.image, j.instruction, task=j.task, seed=j.seed, **options) for j in jobs]
-
+                job.task, job.score = bank.route(job.instruction)
+            elif job.task is not None and job.task not in bank:  # removed while the request waited
+                raise unknown_adapter(job.task, bank.tasks)
