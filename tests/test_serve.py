@@ -208,3 +208,13 @@ def test_adapters_are_added_and_removed_at_run_time_only_from_the_adapter_dir(se
     assert metric(served, "adapterkit_adapters") == 3
     route = requests.post(url + "/v1/route", json={"instruction": "derain the image"}, timeout=30).json()
     assert route["adapter"] == "derain" and route["score"] == 1.0
+
+
+def test_serve_refuses_a_busy_port_before_loading_the_base():
+    """A port in use is a one-line error, exit 2, before the base loads (a missing base would be another error)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--base", "/no/such/base", "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output

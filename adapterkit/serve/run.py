@@ -47,6 +47,19 @@ def build_catalog(base: str, adapters=(), adapter_dir: str | None = None, device
     return catalog
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before the slow base load when host:port cannot be listened on (in use, or not this machine's address)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets it
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AdapterkitError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port or --host, "
+                                  "or stop the server already there") from None
+
+
 def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings | None = None, device: str = "auto", force: bool = False, compile: bool = False,
           samples: dict[str, bytes] | None = None, log_level: str = "info") -> None:
@@ -57,6 +70,7 @@ def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "1
         from .app import create_app
     except ImportError as e:
         raise AdapterkitError(f"adapterkit serve needs the [serve] extra ({e.name} is missing): pip install 'adapterkit[serve]'") from None
+    check_port(host, port)
     catalog = build_catalog(base, adapters, adapter_dir, device=device, force=force, compile=compile)
     app = create_app(catalog, settings or ServeSettings(), samples=samples)
     log.warning("serving %s with adapters %s on http://%s:%d", base, ", ".join(catalog.tasks) or "none", host, port)
