@@ -66,22 +66,23 @@ def generation_options(f):
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction.")
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--instruction", help="The edit instruction (single-image mode).")
-@click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?}: one base load, hot-swap per job.')
+@click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?, "seed"?}: one base load, --batch-size jobs per call.')
 @click.option("--output", required=True, type=click.Path(), help="Output image path (one image) or folder (several images, or --jobs).")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="--jobs: jobs per pipeline call, adapters mixed in one batch; 1: one at a time.")
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @generation_options
-def edit_command(adapters, images, instruction, jobs, output, force, quiet, base, **options):
+def edit_command(adapters, images, instruction, jobs, output, batch_size, force, quiet, base, **options):
     """Edit IMAGES with an instruction, or run a --jobs file, on a base with optional adapters."""
     from .edit import edit, edit_jobs
 
     if jobs:
         if images or instruction:
             raise AdapterkitError("--jobs takes its images and instructions from the file; drop IMAGE and --instruction")
-        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, **options)
+        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, batch_size=batch_size, **options)
         for line in result.errors:
             click.echo(f"skipped {line}", err=True)
-        click.echo(f"{len(result.outputs)} edited, {len(result.errors)} skipped, {result.swap_count} swaps -> {output}")
+        click.echo(f"{len(result.outputs)} edited, {len(result.errors)} skipped, {result.batches} batches -> {output}")
         if not result.outputs and result.errors:
             sys.exit(2)
         return

@@ -136,3 +136,37 @@ def test_close_restores_the_original_attention_processors(tiny_base):
     assert {type(v).__name__ for v in tiny_base.unet.attn_processors.values()} == {"PerSampleKV", "IgnoreKV"}
     bank.close()
     assert {k: type(v) for k, v in tiny_base.unet.attn_processors.items()} == before
+
+
+def test_jobs_file_in_batches_equals_one_job_at_a_time(tiny_base, tiny_base_dir, tmp_path, one_thread):
+    """`adapterkit edit --jobs --batch-size 3` writes the same images as --batch-size 1 (issue 13)."""
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from adapterkit.adapters import save_adapter
+    from adapterkit.cli import main
+
+    save_adapter(random_lora(tiny_base, "derain", rank=2, seed=1, instructions=["derain the image"]), str(tmp_path / "derain"))
+    save_adapter(random_custom_diffusion(tiny_base, "cartoonize", seed=2, instructions=["cartoonize the image"]), str(tmp_path / "cartoonize"))
+    for i in range(2):
+        random_image(i).save(tmp_path / f"in{i}.png")
+    rows = [{"image": "in0.png", "instruction": "derain the image", "adapter": "derain", "seed": 5},
+            {"image": "in1.png", "instruction": "cartoonize the image"},
+            {"image": "in0.png", "instruction": "x", "adapter": None},
+            {"image": "missing.png", "instruction": "x"},
+            {"image": "in1.png", "instruction": "remove the rain please", "adapter": "derain"},
+            {"image": "in0.png", "instruction": "cartoonize the image", "adapter": "cartoonize", "seed": 9}]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    outs = {}
+    for size in (1, 3):
+        result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, "--adapter", str(tmp_path / "derain"), "--adapter",
+                                           str(tmp_path / "cartoonize"), "--jobs", str(tmp_path / "jobs.jsonl"), "--output",
+                                           str(tmp_path / f"out{size}"), "--batch-size", str(size), "--steps", "2", "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert f"5 edited, 1 skipped, {5 if size == 1 else 2} batches" in result.output
+        done = json.loads((tmp_path / f"out{size}" / "results.json").read_text())["done"]
+        assert [r["adapter"] for r in done] == ["derain", "cartoonize", None, "derain", "cartoonize"]
+        outs[size] = [np.asarray(Image.open(tmp_path / f"out{size}" / r["output"])).astype(int) for r in done]
+    assert max(int(np.abs(a - b).max()) for a, b in zip(outs[1], outs[3])) <= 1  # uint8 rounding of <= 1e-5 differences
