@@ -77,22 +77,23 @@ def generation_options(f):
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction." + SPEC_HELP)
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--instruction", help="The edit instruction (single-image mode).")
-@click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?}: one base load, hot-swap per job.')
+@click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?, "seed"?}: one base load, --batch-size jobs per call.')
 @click.option("--output", required=True, type=click.Path(), help="Output image path (one image) or folder (several images, or --jobs).")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="--jobs: jobs per pipeline call, adapters mixed in one batch; 1: one at a time.")
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @generation_options
-def edit_command(adapters, images, instruction, jobs, output, force, quiet, base, **options):
+def edit_command(adapters, images, instruction, jobs, output, batch_size, force, quiet, base, **options):
     """Edit IMAGES with an instruction, or run a --jobs file, on a base with optional adapters."""
     from .edit import edit, edit_jobs
 
     if jobs:
         if images or instruction:
             raise AdapterkitError("--jobs takes its images and instructions from the file; drop IMAGE and --instruction")
-        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, log=_stderr, **options)
+        result = edit_jobs(base, jobs, output, adapters=list(adapters), force=force, quiet=quiet, batch_size=batch_size, log=_stderr, **options)
         for line in result.errors:
             click.echo(f"skipped {line}", err=True)
-        click.echo(f"{len(result.outputs)} edited, {len(result.errors)} skipped, {result.swap_count} swaps -> {output}")
+        click.echo(f"{len(result.outputs)} edited, {len(result.errors)} skipped, {result.batches} batches -> {output}")
         if not result.outputs and result.errors:
             sys.exit(2)
         return
@@ -343,3 +344,28 @@ def demo_command(output, base, train_steps, quiet):
     settings = DemoSettings(base=base, train_steps=train_steps or defaults.train_steps)
     click.echo(f"demo: writing to {os.path.abspath(output)}")
     click.echo(format_summary(run_demo(output, settings, quiet=quiet)))
+
+
+# --- serve command (issue 14) ---
+@main.command("serve")
+@click.option("--base", required=True, help=BASE_HELP)
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False, exists=True), help="Adapter folder to serve (repeatable).")
+@click.option("--adapter-dir", default=None, type=click.Path(file_okay=False), help="Folder of adapter folders: all are served, and POST/DELETE /v1/adapters/NAME load or drop them at run time.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes the server to the network).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Most requests edited in one pipeline call.")
+@click.option("--batch-wait-ms", default=20.0, show_default=True, type=click.FloatRange(0), help="How long a request waits for others to join its batch.")
+@click.option("--queue", default=64, show_default=True, type=click.IntRange(1), help="Most waiting requests; more get 503 with Retry-After.")
+@click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds a request may take (queue + compute); then 504.")
+@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Largest request body; larger ones get 413.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
+@click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet (after sizing the LoRA slot, so swaps do not recompile).")
+@click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
+def serve_command(base, adapters, adapter_dir, host, port, device, compile_unet, force, **limits):
+    """Serve a base and its adapters over HTTP: POST /v1/edit, a web page at /, /metrics, /docs. Needs the [serve] extra."""
+    from .demo.samples import sample_pngs
+    from .serve.run import serve
+    from .serve.settings import ServeSettings
+
+    serve(base, list(adapters), adapter_dir, host=host, port=port, settings=ServeSettings(**limits), device=device,
+          force=force, compile=compile_unet, samples=sample_pngs())

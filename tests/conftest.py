@@ -62,3 +62,68 @@ def image():
     from adapterkit.testing import random_image
 
     return random_image(0)
+
+
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, tiny_base_dir):
+    """A real `adapterkit serve` process on 127.0.0.1 at a free port (tests/test_serve*.py): the tiny base, LoRA
+    adapters derain (r=2) and cartoonize (r=4) from --adapter and a Custom Diffusion adapter denoise from
+    --adapter-dir; small limits (batch 4, queue 6, 0.25 MB bodies) so each refusal is cheap to provoke."""
+    import importlib.util
+
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the [serve] extra is not installed ({', '.join(missing)} missing): pip install -e '.[serve]'")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from adapterkit.adapters import save_adapter
+    from adapterkit.base import load_base
+    from adapterkit.testing import random_custom_diffusion, random_lora
+
+    root = tmp_path_factory.mktemp("serve")
+    base = load_base(tiny_base_dir)
+    folders = {"derain": str(root / "derain"), "cartoonize": str(root / "cartoonize"), "denoise": str(root / "dir" / "denoise")}
+    save_adapter(random_lora(base, "derain", rank=2, seed=1), folders["derain"])
+    save_adapter(random_lora(base, "cartoonize", rank=4, seed=2), folders["cartoonize"])
+    save_adapter(random_custom_diffusion(base, "denoise", seed=3), folders["denoise"])
+    with socket.socket() as s:  # a free port: bind to 0, read it, release it for the server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "adapterkit", "serve", "--base", tiny_base_dir, "--adapter", folders["derain"],
+               "--adapter", folders["cartoonize"], "--adapter-dir", str(root / "dir"), "--port", str(port),
+               "--max-batch", "4", "--batch-wait-ms", "50", "--queue", "6", "--max-body-mb", "0.25", "--timeout", "60"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(root / "server.log", "w+")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"adapterkit serve exited with {process.returncode}:\n{log.read()[-3000:]}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("adapterkit serve did not answer /healthz within 180 s")
+        time.sleep(0.3)
+    yield {"url": url, "base": tiny_base_dir, "folders": folders, "adapter_dir": str(root / "dir"), "root": root,
+           "process": process, "log": str(root / "server.log")}
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()

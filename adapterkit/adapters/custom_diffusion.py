@@ -216,3 +216,8 @@ class Swap:
 
     def close(self) -> None:
         self.deactivate()
+
+
+def batch_kv(tensors: dict[str, torch.Tensor], options=None) -> dict:
+    """The adapter's K/V for a mixed batch (adapters/batched.py): every layer a full weight."""
+    return {name: ("full", weight) for name, weight in tensors.items()}

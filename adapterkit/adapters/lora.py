@@ -347,3 +347,17 @@ class Swap:
                 scaling[LIVE_LORA].fill_(value)
             else:
                 scaling[LIVE_LORA] = value
+
+
+def batch_kv(tensors: dict[str, torch.Tensor], config: dict) -> dict:
+    """The adapter's K/V for a mixed batch (adapters/batched.py): (A, B, alpha/r) per attn2 to_k/to_v module.
+
+    Only attn2 K/V can differ per image of one UNet batch; a LoRA on other modules (--targets attn) is refused."""
+    others = [m for m in modules(tensors) if not m.endswith(("attn2.to_k", "attn2.to_v"))]
+    if others:
+        raise AdapterkitError(
+            f"a LoRA on modules other than attn2 to_k/to_v ({others[0]}, {len(others)} in all) cannot share a batch "
+            "with other adapters (only cross-attention K/V differ per image); edit its images in a batch of their own "
+            "(one task per edit_batch call) or train it with --targets kv"
+        )
+    return {m: ("lora", (tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"], scale(config, m))) for m in modules(tensors)}

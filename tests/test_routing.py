@@ -1,0 +1,57 @@
+"""Routing with word evidence and a per-bank calibrated threshold, on the bundled base (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+from adapterkit.testing import random_custom_diffusion, random_lora
+
+from adapterkit.adapters.bank import AdapterBank
+from adapterkit.adapters.routing import stem
+from adapterkit.base import load_base
+from adapterkit.demo import tasks
+
+HELDOUT = ["derain", "cartoonize", "denoise", "lowlight"]
+
+
+def probes():
+    """bench/tiny_tasks.py's probe set (written before this router): never-stored phrasings of the bank's tasks,
+    of the base's general edits (-> base), stored phrasings of general edits (-> base), unrelated text (-> base)."""
+    out = [(p, t) for t in HELDOUT for p in tasks.TASKS[t].unseen_instructions]
+    out += [(p, None) for t in tasks.GENERAL_TASKS for p in tasks.TASKS[t].unseen_instructions]
+    out += [(tasks.TASKS[t].instructions[0], None) for t in tasks.GENERAL_TASKS[:8]]
+    return out + [(p, None) for p in tasks.UNRELATED_INSTRUCTIONS]
+
+
+@pytest.fixture(scope="module")
+def bank():
+    base = load_base("builtin:tiny")
+    bank = AdapterBank(base)
+    for i, task in enumerate(HELDOUT):
+        make = random_custom_diffusion if i % 2 == 0 else random_lora
+        bank.add(make(base, task, seed=i, instructions=list(tasks.TASKS[task].instructions)))
+    return bank
+
+
+def test_probe_accuracy_on_the_bundled_base(bank):
+    rows = probes()
+    assert len(rows) >= 40 and not {p for p, _ in rows} & {i for t in HELDOUT for i in tasks.TASKS[t].instructions}
+    right = sum(bank.route(p)[0] == t for p, t in rows)
+    assert right >= 44, right  # measured 44 of 48 (91.7%): below the issue's 95%, see the README
+    assert bank.route("invert the colors")[0] is None  # the demo's probe: a general edit, the base's own
+
+
+def test_threshold_is_calibrated_per_bank_and_can_be_overridden(bank):
+    details = bank.route_details("get rid of the rain")
+    assert details["task"] == "derain" and details["score"] >= details["threshold"]
+    calibration = details["calibration"]
+    assert calibration["loo_positives"] == 20 and calibration["loo_negatives"] == 20
+    assert 0 < bank.route_threshold < 1 and calibration["loo_balanced_accuracy"] >= 0.9
+    assert bank.route("derain THE  image") == ("derain", 1.0)  # stored phrasing
+    bank.route_threshold = 0.99
+    assert bank.route("get rid of the rain")[0] is None
+    bank.route_threshold = None  # back to the calibrated one
+    assert bank.route("get rid of the rain")[0] == "derain"
+
+
+def test_stemming_joins_word_forms():
+    assert stem("noisy") == stem("noise") and stem("cartoonize") == stem("cartoon") and stem("rain") == "rain"
