@@ -55,3 +55,14 @@ def test_threshold_is_calibrated_per_bank_and_can_be_overridden(bank):
 
 def test_stemming_joins_word_forms():
     assert stem("noisy") == stem("noise") and stem("cartoonize") == stem("cartoon") and stem("rain") == "rain"
+
+
+def test_a_bank_of_one_task_storing_one_instruction_routes():
+    """Leave-one-out has nothing to leave out here (an adapterkit edit --jobs run with one adapter hit an IndexError)."""
+    base = load_base("builtin:tiny")
+    bank = AdapterBank(base)
+    bank.add(random_lora(base, "derain", rank=2, seed=1, instructions=["derain the image"]))
+    assert bank.route("derain the image") == ("derain", 1.0)
+    details = bank.route_details("remove the rain streaks")
+    assert details["threshold"] == 0.5 and details["task"] in ("derain", None)
+    bank.close()

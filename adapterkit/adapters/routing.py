@@ -185,6 +185,8 @@ def _best_split(pos: list[float], neg: list[float]) -> tuple[float, float]:
     """Threshold maximising balanced accuracy (share of positives >= t plus share of negatives < t, so the larger
     side does not decide alone), halfway between neighbouring scores; ties: the threshold nearest 0.5."""
     values = sorted(set(pos) | set(neg))
+    if not values:  # one task storing one instruction: nothing to leave out, so no evidence; the neutral 0.5
+        return 0.5, 0.0
     candidates = [values[0] - 1e-6] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1] + 1e-6]
     best = (0.5, -1.0)
     for t in candidates:
