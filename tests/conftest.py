@@ -40,6 +40,27 @@ def trainable_base_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """One merge feature cache for the session's tests, outside the user's home (merge modules use it as pytestmark)."""
+    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
+    previous = os.environ.get("ADAPTERKIT_CACHE")
+    os.environ["ADAPTERKIT_CACHE"] = path
+    yield path
+    if previous is None:
+        os.environ.pop("ADAPTERKIT_CACHE", None)
+    else:
+        os.environ["ADAPTERKIT_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled base, builtin:tiny (the merge diagnostics are calibrated on it)."""
+    from adapterkit.base import load_base
+
+    return load_base("builtin:tiny")
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module: tiny models gain nothing from a second one, and on shared CI cores two
     threads run ~3x slower (OpenMP waits on descheduled threads)."""

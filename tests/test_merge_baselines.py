@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -14,16 +13,7 @@ from adapterkit.merge import baselines, merge
 from adapterkit.testing import random_custom_diffusion, random_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def feature_cache(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-    previous = os.environ.get("ADAPTERKIT_CACHE")
-    os.environ["ADAPTERKIT_CACHE"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("ADAPTERKIT_CACHE", None)
-    else:
-        os.environ["ADAPTERKIT_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
 
 
 @pytest.fixture

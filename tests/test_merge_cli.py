@@ -22,16 +22,7 @@ from adapterkit.eval.metrics import psnr  # the one PSNR (data range 1, capped f
 EDIT = {"steps": 3, "guidance": 7.0, "image_guidance": 1.5, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def feature_cache(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-    previous = os.environ.get("ADAPTERKIT_CACHE")
-    os.environ["ADAPTERKIT_CACHE"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("ADAPTERKIT_CACHE", None)
-    else:
-        os.environ["ADAPTERKIT_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
 
 
 @pytest.fixture

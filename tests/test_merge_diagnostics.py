@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from adapterkit.adapters import load_adapter, save_adapter
-from adapterkit.base import cross_attention_kv_layers, load_base
+from adapterkit.base import cross_attention_kv_layers
 from adapterkit.cli import main
 from adapterkit.demo.tasks import TASKS
 from adapterkit.errors import AdapterkitError
@@ -20,21 +20,9 @@ from adapterkit.merge import features, merge
 from adapterkit.testing import instruction_custom_diffusion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def feature_cache(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-    previous = os.environ.get("ADAPTERKIT_CACHE")
-    os.environ["ADAPTERKIT_CACHE"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("ADAPTERKIT_CACHE", None)
-    else:
-        os.environ["ADAPTERKIT_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return load_base("builtin:tiny")
 
 
 def pair(base, k_derain: int, k_other: int, other: str = "cartoonize"):

@@ -19,16 +19,7 @@ from adapterkit.testing import random_custom_diffusion, random_lora
 CONSTRAINTS_FILE = "merge_constraints.safetensors"  # what a merged lsq folder stores (adapterkit.merge.incremental)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def feature_cache(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-    previous = os.environ.get("ADAPTERKIT_CACHE")
-    os.environ["ADAPTERKIT_CACHE"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("ADAPTERKIT_CACHE", None)
-    else:
-        os.environ["ADAPTERKIT_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
 
 
 def three(base):

@@ -18,17 +18,7 @@ from adapterkit.merge import features, merge
 from adapterkit.testing import random_custom_diffusion, random_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def feature_cache(tmp_path_factory):
-    """One feature cache for the whole session, outside the user's home."""
-    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-    previous = os.environ.get("ADAPTERKIT_CACHE")
-    os.environ["ADAPTERKIT_CACHE"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("ADAPTERKIT_CACHE", None)
-    else:
-        os.environ["ADAPTERKIT_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
 
 
 def kv_weight(adapter: Adapter, base, name: str) -> torch.Tensor:

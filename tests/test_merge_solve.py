@@ -12,28 +12,16 @@ import sys
 import pytest
 import torch
 
-from adapterkit.base import cross_attention_kv_layers, load_base
+from adapterkit.base import cross_attention_kv_layers
 from adapterkit.merge import features, lsq, merge
 from adapterkit.testing import instruction_custom_diffusion, random_custom_diffusion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def feature_cache(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "adapterkit-cache")
-    previous = os.environ.get("ADAPTERKIT_CACHE")
-    os.environ["ADAPTERKIT_CACHE"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("ADAPTERKIT_CACHE", None)
-    else:
-        os.environ["ADAPTERKIT_CACHE"] = previous
+pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    return load_base("builtin:tiny")
 
 
 def read_readme() -> str:
