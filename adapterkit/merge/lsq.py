@@ -173,18 +173,22 @@ def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     return gram + ridge * (torch.trace(gram) / d).clamp_min(1e-30) * torch.eye(d, dtype=gram.dtype)
 
 
-def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor, float]:
+def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFAULT_RIDGE,
+                     brought: str = "") -> tuple[torch.Tensor, torch.Tensor, float]:
     """(L = (D C^T)^-1 (m, m), A = D (m, d_text), condition number of D C^T), shared by every layer.
 
     Raises AdapterkitError when the constraints leave the regularization nothing to choose (m >= d_text: the rows
-    alone fix W, as on every prompt) or are so nearly dependent that D C^T is singular in float64.
+    alone fix W, as on every prompt) or are so nearly dependent that D C^T is singular in float64. `brought`
+    ("derain 31 from 5 instructions, ...") lets the message say what each adapter brings (issues 15, 18).
     """
     m, d_text = rows.shape
     if m >= d_text:
+        each = f" ({brought}; a row shared by several tasks counts once)" if brought else ""
         raise AdapterkitError(
-            f"the instructions give {m} target token rows for {d_text}-dim text features: with m >= d the rows alone "
-            "fix K/V on every prompt and nothing is left to keep ordinary prompts unchanged; use --method lsq-soft, "
-            "or fewer or shorter instructions"
+            f"{m} target token rows{each} but the text features have only {d_text} dimensions: exact lsq needs fewer "
+            "rows than dimensions (with m >= d the rows alone fix K/V on every prompt); pass --method lsq-soft (the "
+            f"soft form, always solvable), or merge adapters that store fewer or shorter instructions (fewer than "
+            f"{d_text} rows in all)"
         )
     gram = ridged(gram, ridge)
     d = torch.linalg.solve(gram, rows.T).T  # (m, d_text) = C M^-1 (M is symmetric)

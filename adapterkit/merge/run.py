@@ -240,17 +240,10 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
         )
     m, d_text = (int(x) for x in targets.rows.shape)
     info = {"constraint_rows": m, "d_text": d_text}
-    if exact and m >= d_text:
-        each = ", ".join(f"{t.task} {t.rows.shape[0]} from {len(set(t.texts))} instruction{'s' * (len(set(t.texts)) != 1)}"
-                         for t in inputs.tasks)
-        raise AdapterkitError(
-            f"{m} target token rows ({each}; a row shared by several tasks counts once) but the text features have "
-            f"only {d_text} dimensions: exact lsq needs fewer rows than dimensions (with m >= d the rows alone fix K/V "
-            f"on every prompt); pass --method lsq-soft (the soft form, always solvable), or merge adapters that store "
-            f"fewer or shorter instructions (fewer than {d_text} rows in all)"
-        )
     if exact:
-        left, right, condition = lsq.exact_projection(gram, targets.rows, ridge)
+        brought = ", ".join(f"{t.task} {t.rows.shape[0]} from {len(set(t.texts))} instruction{'s' * (len(set(t.texts)) != 1)}"
+                            for t in inputs.tasks)
+        left, right, condition = lsq.exact_projection(gram, targets.rows, ridge, brought)
         info["condition_number"] = condition
     else:
         left, right = lsq.soft_projection(gram, targets.rows, targets.weights, target_weight, ridge)
