@@ -240,14 +240,18 @@ def ip2p_loss(unet, noise_scheduler, latents, cond_latents, text, null_text, gen
     text, cond_latents = conditioning_dropout(text, null_text, cond_latents, r, dropout)
     model_input = torch.cat([noisy, cond_latents], dim=1)  # (B, 8, h, w): noisy target | image condition
     prediction = unet(model_input, timesteps, encoder_hidden_states=text).sample
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def prediction_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict under the scheduler's `prediction_type`: the noise, or v (Salimans & Ho)."""
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise AdapterkitError(f"the base's scheduler predicts '{kind}'; adapterkit trains epsilon or v_prediction bases")
-    return F.mse_loss(prediction.float(), target.float())
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise AdapterkitError(f"the base's scheduler predicts '{kind}'; adapterkit trains epsilon or v_prediction bases")
 
 
 def conditioning_dropout(text, null_text, image_latents, r, p: float):
