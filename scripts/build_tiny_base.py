@@ -58,7 +58,12 @@ DEFAULT_OUTPUT = os.path.join(REPO, "adapterkit", "demo", "tiny_base")
 class BuildConfig:
     seed: int = 0  # one seed for crops, init, batches, noise
     resolution: int = 64  # training and default editing resolution (px)
-    latent_channels: int = 8  # VAE latent channels (f4: 64 px -> 16x16x8); SD1.5 has 4 at f8 with a far larger VAE
+    # VAE latent channels (f4: 64 px -> 16x16x16; SD1.5 has 4 at f8 with a far larger VAE, SD3 16). With 8, the VAE's
+    # own round trip of cartoonize targets kept outline F1 0.32 (issue 12 asks adapters for >= 0.5: out of reach for
+    # any UNet) and rain-pixel PSNR 26.7 dB; with 16, after the same 3000 steps: 0.60 and 27.6 dB, +1 dB on every task.
+    # The UNet does not use that room yet (session 7 build, 2700 steps, 2780 s): 7 of 16 general edits >= 3 dB (8 of 16
+    # with 8 channels), outline -0.85 dB; a Custom Diffusion cartoonize adapter's outline F1 0.14 (base 0.14).
+    latent_channels: int = 16
     attention_heads: int = 1  # per transformer block: head dims 32/64/128 (SD1.5: 8 heads of 40/80/160); 4 heads ran 1.3x slower
     text_width: int = 256  # CLIP text hidden size = the UNet's cross_attention_dim (exact lsq needs rows <= this)
     pool_size: int = 2000  # clean training pictures (each seen with every general edit)
@@ -408,7 +413,8 @@ def evaluate(path: str, n: int, steps: int, guidance: float, image_guidance: flo
         for t in tasks.TASKS
     ]
     return {"scores": scores, "instruction_spread": instruction_spread(base.pipe, steps, guidance, image_guidance),
-            "vae_round_trip_psnr": vae_round_trip(base.pipe.vae, n, split, base.resolution)}
+            "vae_round_trip_psnr": vae_round_trip(base.pipe.vae, n, split, base.resolution),
+            "vae_task_ceilings": vae_task_ceilings(base.pipe.vae, n, split, base.resolution)}
 
 
 @torch.no_grad()
@@ -426,6 +432,29 @@ def vae_round_trip(vae, n: int, split: str = "eval", resolution: int = 64) -> di
         scores = [psnr(a, b) for a, b in zip(decoded, images)]
         figures[t] = {"input": float(np.mean(scores[:n])), "target": float(np.mean(scores[n:]))}
     return figures
+
+
+@torch.no_grad()
+def vae_task_ceilings(vae, n: int, split: str = "eval", resolution: int = 64) -> dict:
+    """The held-out tasks' own measures (adapterkit.demo.measures) on decode(encode(target)): the best any UNet or
+    adapter can score through this VAE. derain: PSNR on the streak pixels (input and VAE round trip of the clean
+    target); cartoonize: outline F1 of the round trip against the target (issue 12's bar for adapters: >= 0.5)."""
+    from adapterkit.demo import measures
+
+    def round_trip(images):
+        decoded = vae.decode(vae.encode(to_tensor(np.stack(images))).latent_dist.mode()).sample
+        return ((decoded.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+
+    rain = tasks.make_examples("derain", n, resolution=resolution, split=split)
+    masks = [tasks.rain_mask(i, 0, resolution, split) for i in range(n)]
+    cartoon = tasks.make_examples("cartoonize", n, resolution=resolution, split=split)
+    return {
+        "derain_rain_psnr_input": float(np.mean([measures.masked_psnr(e.input, e.target, m) for e, m in zip(rain, masks)])),
+        "derain_rain_psnr_vae": float(np.mean([measures.masked_psnr(r, e.target, m)
+                                               for r, e, m in zip(round_trip([e.target for e in rain]), rain, masks)])),
+        "cartoonize_outline_f1_vae": float(np.mean([measures.outline_f1(r, e.target)
+                                                     for r, e in zip(round_trip([e.target for e in cartoon]), cartoon)])),
+    }
 
 
 def weight_hashes(folder: str) -> dict[str, str]:
@@ -470,6 +499,10 @@ def _print_evaluation(result: dict) -> None:
     print("VAE round trip PSNR (input / target):")
     for t, v in result["vae_round_trip_psnr"].items():
         print(f"  {t:<12} {v['input']:6.2f} / {v['target']:6.2f}")
+    if "vae_task_ceilings" in result:
+        c = result["vae_task_ceilings"]
+        print(f"task measures through the VAE alone: derain rain-pixel PSNR {c['derain_rain_psnr_vae']:.2f} dB (input "
+              f"{c['derain_rain_psnr_input']:.2f}), cartoonize outline F1 {c['cartoonize_outline_f1_vae']:.3f}")
 
 
 # ---------------------------------------------------------------- main
