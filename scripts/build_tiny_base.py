@@ -10,7 +10,8 @@ Version 2 (issue 12) keeps SD1.5 IP2P's classes and scales its topology down:
   4 tasks x 5 phrasings of EOS rows (~90 rows < 256);
 - a UNet with cross-attention at every level except the lowest-resolution one, and in the mid block, as SD1.5
   (latents 16x16 and 8x8 plus the 4x4 mid block; v1 had it only at 8x8 and 4x4), so K/V adapters reach fine detail;
-- an AutoencoderKL at f4 with 8 latent channels (64 px -> 16x16x8; the UNet takes 16 channels: noisy latent +
+  widths 64/64/128 (`unet_widths`);
+- an AutoencoderKL at f4 with 16 latent channels (64 px -> 16x16x16; the UNet takes 32 channels: noisy latent +
   image latent), fully convolutional (no mid-block attention), residual branches started at zero;
 - 16 general edits (`adapterkit.demo.tasks.GENERAL_TASKS`): tone and colour (brighter, darker, contrast, grayscale,
   hue, invert, posterize, sepia, saturate, warmer), blur and sharpen, and the spatial primitives a real IP2P learns
@@ -61,9 +62,13 @@ class BuildConfig:
     # VAE latent channels (f4: 64 px -> 16x16x16; SD1.5 has 4 at f8 with a far larger VAE, SD3 16). With 8, the VAE's
     # own round trip of cartoonize targets kept outline F1 0.32 (issue 12 asks adapters for >= 0.5: out of reach for
     # any UNet) and rain-pixel PSNR 26.7 dB; with 16, after the same 3000 steps: 0.60 and 27.6 dB, +1 dB on every task.
-    # The UNet does not use that room yet (session 7 build, 2700 steps, 2780 s): 7 of 16 general edits >= 3 dB (8 of 16
-    # with 8 channels), outline -0.85 dB; a Custom Diffusion cartoonize adapter's outline F1 0.14 (base 0.14).
+    # With UNet widths 32/64/128 the UNet did not use that room (2700 steps): 7 of 16 general edits >= 3 dB, outline
+    # -0.85 dB; widths 64/64/128 (session 8 build, 2542 s on 2 cores): 9 of 16, outline +0.37 dB, blur +6.3 dB.
     latent_channels: int = 16
+    # UNet widths per level (16x16, 8x8, 4x4 latents; SD1.5: 320/640/1280/1280 at 64..8). The first level reads the
+    # 2 x latent_channels input (noisy + image latent): SD1.5 widens its 8 input channels to 320; 32/64/128 fed 32 into
+    # 32. 64 costs 1.5x per UNet step (0.80 vs 0.53 s at batch 32, measured) and raised every general edit ~0.7-2 dB.
+    unet_widths: str = "64,64,128"
     attention_heads: int = 1  # per transformer block: head dims 32/64/128 (SD1.5: 8 heads of 40/80/160); 4 heads ran 1.3x slower
     text_width: int = 256  # CLIP text hidden size = the UNet's cross_attention_dim (exact lsq needs rows <= this)
     pool_size: int = 2000  # clean training pictures (each seen with every general edit)
@@ -166,6 +171,13 @@ def vocabulary_words() -> tuple[str, ...]:
     return tuple(dict.fromkeys(words))
 
 
+def unet_widths(cfg: BuildConfig) -> tuple[int, ...]:
+    widths = tuple(int(w) for w in cfg.unet_widths.split(","))
+    if len(widths) != 3 or any(w % 8 for w in widths):
+        raise ValueError(f"--unet-widths takes 3 comma-separated multiples of 8 (got {cfg.unet_widths!r})")
+    return widths
+
+
 def make_models(cfg: BuildConfig):
     """Tokenizer, text encoder, VAE (f4: 64 px -> 16x16 latents) and IP2P UNet with SD1.5's topology scaled down.
 
@@ -193,7 +205,7 @@ def make_models(cfg: BuildConfig):
     )
     unet = UNet2DConditionModel(
         sample_size=cfg.resolution // 4, in_channels=2 * cfg.latent_channels, out_channels=cfg.latent_channels,
-        layers_per_block=1, block_out_channels=(32, 64, 128), cross_attention_dim=cfg.text_width,
+        layers_per_block=1, block_out_channels=unet_widths(cfg), cross_attention_dim=cfg.text_width,
         attention_head_dim=cfg.attention_heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
