@@ -172,9 +172,13 @@ def vocabulary_words() -> tuple[str, ...]:
 
 
 def unet_widths(cfg: BuildConfig) -> tuple[int, ...]:
-    widths = tuple(int(w) for w in cfg.unet_widths.split(","))
-    if len(widths) != 3 or any(w % 8 for w in widths):
-        raise ValueError(f"--unet-widths takes 3 comma-separated multiples of 8 (got {cfg.unet_widths!r})")
+    """`unet_widths` "64,64,128" -> (64, 64, 128): one width per level, multiples of 8 (the UNet's GroupNorm groups)."""
+    try:
+        widths = tuple(int(w) for w in cfg.unet_widths.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or any(w <= 0 or w % 8 for w in widths):
+        raise ValueError(f"--unet-widths takes 3 comma-separated positive multiples of 8, e.g. 64,64,128 (got {cfg.unet_widths!r})")
     return widths
 
 
@@ -631,6 +635,10 @@ def main(argv=None) -> int:
         parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    try:
+        unet_widths(cfg)  # before any data or training work
+    except ValueError as error:
+        parser.error(str(error))
     if args.bank_only:
         print(build_source_bank())
         return 0

@@ -60,3 +60,13 @@ def test_two_step_v_prediction_build_saves_a_base_that_loads_and_edits(build_scr
     out = base.pipe(prompt="make it brighter", image=Image.fromarray(image), num_inference_steps=2,
                     output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("widths", ["60,64,128", "64,abc,128", "64,64"])
+def test_bad_unet_widths_stop_before_any_work(build_script, tmp_path, capsys, widths):
+    output = tmp_path / "base"
+    with pytest.raises(SystemExit) as stop:
+        build_script.main(["--output", str(output), "--unet-widths", widths])
+    assert stop.value.code == 2
+    assert "--unet-widths takes 3 comma-separated positive multiples of 8" in capsys.readouterr().err
+    assert not output.exists()
