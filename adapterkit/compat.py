@@ -1,6 +1,6 @@
 """Workarounds for upstream behaviour, in one place, each with the versions it applies to.
 
-Checked against diffusers 0.42.1, peft 0.21.2, transformers 5.23, bitsandbytes 0.50.2, torch 2.13.
+Checked against diffusers 0.42.1, peft 0.21.2, transformers 5.23-5.25, bitsandbytes 0.50.2, torch 2.13.
 Upstream facts documented elsewhere and handled where they bite:
 - diffusers#9320 (`unet.load_attn_procs` installs nothing for Custom Diffusion files): adapterkit never calls it;
   adapters/custom_diffusion.py copies K/V weights itself. tests/test_compat.py fails once upstream is fixed.
@@ -18,8 +18,10 @@ import warnings
 def quiet_third_party_logs() -> None:
     """Keep the terminal to adapterkit's own output: upstream loaders print progress bars and notices per load.
 
-    - bitsandbytes 0.50 on CPUs with AVX512-BF16 logs a warning at import when the optional `kernels` package is
-      missing (a 4-bit kernel adapterkit never uses).
+    - bitsandbytes 0.50 on CPUs with AVX512-BF16 fetches a 4-bit CPU kernel adapterkit never uses from the hub at
+      import (`kernels.get_kernel("kernels-community/quantization-bitsandbytes")`) and logs a warning when the optional
+      `kernels` package is missing; with `kernels` installed (transformers 5.25 requires it) and the hub offline,
+      `kernels` logs "Skipping publisher trust check ..." on stderr instead.
     - transformers 5 warns that torchvision is missing for image processors adapterkit does not use.
     - diffusers 0.42 deprecates `torch_dtype` in favour of `dtype` while most snippets still use it.
     Set ADAPTERKIT_VERBOSE=1 to see everything.
@@ -27,6 +29,7 @@ def quiet_third_party_logs() -> None:
     if os.environ.get("ADAPTERKIT_VERBOSE"):
         return
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated.*")
     warnings.filterwarnings("ignore", message=".*No LoRA keys associated to CLIPTextModel.*")
 

@@ -70,3 +70,19 @@ def test_bad_unet_widths_stop_before_any_work(build_script, tmp_path, capsys, wi
     assert stop.value.code == 2
     assert "--unet-widths takes 3 comma-separated positive multiples of 8" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_composed_inputs_are_each_picture_after_one_seeded_general_edit(build_script):
+    """Issue 12: the composed rows' input i is picture i after one general edit, drawn from the build seed, so a
+    rebuild draws the same ones, and every general edit is among them."""
+    from adapterkit.demo import tasks
+
+    rng = np.random.default_rng(5)
+    pool = rng.integers(0, 256, (64, 4, 4, 3), dtype=np.uint8)
+    edits = {t: rng.integers(0, 256, pool.shape, dtype=np.uint8) for t in tasks.GENERAL_TASKS}  # stand-ins per edit
+    composed = build_script.composed_pool(pool, edits, seed=0)
+    chosen = [[t for t in tasks.GENERAL_TASKS if np.array_equal(composed[i], edits[t][i])] for i in range(len(pool))]
+    assert all(len(c) == 1 for c in chosen)
+    assert len({c[0] for c in chosen}) >= 12  # 64 draws over 16 edits: a fixed edit would show as one name
+    np.testing.assert_array_equal(build_script.composed_pool(pool, edits, seed=0), composed)
+    assert not np.array_equal(build_script.composed_pool(pool, edits, seed=1), composed)
