@@ -3,7 +3,8 @@
 Checked against diffusers 0.42.1, peft 0.21.2, transformers 5.23-5.25, bitsandbytes 0.50.2, torch 2.13.
 Upstream facts documented elsewhere and handled where they bite:
 - diffusers#9320 (`unet.load_attn_procs` installs nothing for Custom Diffusion files): adapterkit never calls it;
-  adapters/custom_diffusion.py copies K/V weights itself. tests/test_compat.py fails once upstream is fixed.
+  adapters/custom_diffusion.py copies K/V weights itself. tests/test_adapters.py
+  (test_diffusers_9320_...) fails once upstream is fixed.
 - diffusers#4960 (SD1.5 -> IP2P conversion leaves conv_in's bias random): base.convert_sd15_to_ip2p copies it.
 - transformers 5 returns an empty CLIPTokenizer offline: base._check_tokenizer refuses it.
 """

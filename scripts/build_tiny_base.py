@@ -272,8 +272,7 @@ def composed_pool(pool_u8: np.ndarray, edits: dict[str, np.ndarray], seed: int) 
     """(N, R, R, 3) uint8: picture i after one general edit g1(i), drawn uniformly with `seed`: the inputs of the
     composed rows (their targets are every general edit of these)."""
     first = np.random.default_rng([seed, 303]).integers(len(tasks.GENERAL_TASKS), size=len(pool_u8))
-    stacked = np.stack([edits[t] for t in tasks.GENERAL_TASKS])  # (T, N, R, R, 3)
-    return stacked[first, np.arange(len(pool_u8))]
+    return np.stack([edits[tasks.GENERAL_TASKS[g]][i] for i, g in enumerate(first)])
 
 
 def to_tensor(images_u8: np.ndarray) -> torch.Tensor:
