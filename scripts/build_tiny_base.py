@@ -37,6 +37,7 @@ VAE round-trip PSNR per task). The bundled folder still holds version 1 until a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -111,6 +112,19 @@ class BuildConfig:
     default_image_guidance: float = 2.0
     threads: int = 2  # torch intra-op threads; recorded, since another count changes float sums (and the weights)
 
+
+# What `adapterkit train` uses on this base for the options a user does not set (issue 18; recorded as
+# "training_defaults" in adapterkit_base.json, read by adapterkit.train.config.recommended_settings). Measured on
+# session 9's build (256 train rows, 16 held-out rows, 20 steps at 3 / 2): Custom Diffusion 1e-3 constant, 150 steps
+# of batch 32 (~70 s on 2 cores) gained derain +1.61 / cartoonize +1.77 dB, and 300 steps no more (+1.80); a K/V LoRA
+# of rank 128 (half the text width), 3e-3 cosine, 150 steps (~80 s): +1.37 / +1.68 dB, where rank 32 needed 400 steps
+# for derain +1.54. Batch 32 on cached latents: batch 4 at 1e-4 (the plain defaults) learned nothing in 150 steps.
+TRAINING_DEFAULTS = {
+    "lora": {"rank": 128, "batch_size": 32, "learning_rate": 3e-3, "lr_scheduler": "cosine", "steps": 150,
+             "optimizer": "adamw", "cache_latents": True},
+    "custom-diffusion": {"batch_size": 32, "learning_rate": 1e-3, "lr_scheduler": "constant", "steps": 150,
+                         "optimizer": "adamw", "cache_latents": True},
+}
 
 # The general edits that move pixels rather than recolour them: drawn `spatial_weight` times as often in training.
 SPATIAL_EDITS = ("blur", "sharpen", "smooth", "median", "outline", "pixelate")
@@ -432,6 +446,7 @@ def save_base(output: str, tokenizer, text_encoder, vae, unet, cfg: BuildConfig,
         "default_steps": cfg.default_steps,
         "default_guidance": cfg.default_guidance,
         "default_image_guidance": cfg.default_image_guidance,
+        "training_defaults": TRAINING_DEFAULTS,
         "general_tasks": list(tasks.GENERAL_TASKS),
         "heldout_tasks": list(tasks.HELDOUT_TASKS),
         "made_by": "scripts/build_tiny_base.py",
@@ -553,9 +568,31 @@ def _print_evaluation(result: dict) -> None:
 # ---------------------------------------------------------------- main
 
 
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic kernels for the duration of a build. Without them the weights differed between two runs
+    of the same command (session 9: the UNet stage drifted after ~200 steps; a 60-step build already differed at step
+    12): only the text encoder's gradients differed, and the op is the gather `text_encoder(ids[unique])[0][inverse]`,
+    whose backward adds the (B, 77, text_width) gradient into the repeated rows with index_put_(accumulate=True). On a
+    CPU with more than one thread torch runs that in parallel with atomic float adds (summation order varies) unless
+    deterministic algorithms are on, in which case it runs serially. An op with no deterministic kernel raises instead
+    of drifting silently."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def build(cfg: BuildConfig, output: str, quiet: bool, vae_from: str | None = None, init_from: str | None = None) -> dict:
     """Train and save a base. `init_from`: continue from an earlier build's VAE, UNet and text encoder (a second
     stage with a fresh optimiser and schedule); its recipe is kept under "init_from" in adapterkit_base.json."""
+    with deterministic_algorithms():
+        return _build(cfg, output, quiet, vae_from, init_from)
+
+
+def _build(cfg: BuildConfig, output: str, quiet: bool, vae_from: str | None, init_from: str | None) -> dict:
     start = time.time()
     torch.set_num_threads(cfg.threads)
     if not os.path.isfile(tasks.source_bank_path()):
