@@ -86,3 +86,23 @@ def test_composed_inputs_are_each_picture_after_one_seeded_general_edit(build_sc
     assert len({c[0] for c in chosen}) >= 12  # 64 draws over 16 edits: a fixed edit would show as one name
     np.testing.assert_array_equal(build_script.composed_pool(pool, edits, seed=0), composed)
     assert not np.array_equal(build_script.composed_pool(pool, edits, seed=1), composed)
+
+
+def test_build_trains_with_deterministic_algorithms_and_restores_the_setting(build_script, tmp_path, monkeypatch):
+    """Two runs of the same build differed (session 9) because the text encoder's gather backward
+    (`text_encoder(ids[unique])[0][inverse]`: index_put_ with accumulate) adds repeated rows with parallel atomic float
+    adds on more than one thread; torch serialises it only under deterministic algorithms (bitwise rebuilds, issue 12)."""
+    seen = []
+    real_train_unet = build_script.train_unet
+
+    def recording_train_unet(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_train_unet(*args, **kwargs)
+
+    monkeypatch.setattr(build_script, "train_unet", recording_train_unet)
+    cfg = build_script.BuildConfig(pool_size=3, vae_steps=1, vae_batch=2, unet_steps=1, unet_batch=2, warmup_steps=1,
+                                   composed_fraction=0.0, threads=1)
+    assert not torch.are_deterministic_algorithms_enabled()
+    build_script.build(cfg, str(tmp_path / "base"), quiet=True)
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
