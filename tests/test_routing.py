@@ -36,7 +36,7 @@ def test_probe_accuracy_on_the_bundled_base(bank):
     rows = probes()
     assert len(rows) >= 40 and not {p for p, _ in rows} & {i for t in HELDOUT for i in tasks.TASKS[t].instructions}
     right = sum(bank.route(p)[0] == t for p, t in rows)
-    assert right >= 44, right  # measured 44 of 48 (91.7%): below the issue's 95%, see the README
+    assert right >= 44, right  # measured 44 of 48 (91.7%) on v1 and on v2: below the issue's 95%, see the README
     assert bank.route("invert the colors")[0] is None  # the demo's probe: a general edit, the base's own
 
 
@@ -65,4 +65,20 @@ def test_a_bank_of_one_task_storing_one_instruction_routes():
     assert bank.route("derain the image") == ("derain", 1.0)
     details = bank.route_details("remove the rain streaks")
     assert details["threshold"] == 0.5 and details["task"] in ("derain", None)
+    bank.close()
+
+
+def test_a_merged_adapter_holding_its_sources_phrasings_does_not_lower_the_threshold():
+    """The demo's bank: derain, cartoonize and their merge, which stores both tasks' phrasings. Counting the merge's
+    exact matches as confusions pushed the calibrated threshold to 0.09 and sent "make it brighter" (a general edit,
+    the base's own) to cartoonize."""
+    base = load_base("builtin:tiny")
+    bank = AdapterBank(base)
+    derain, cartoonize = (list(tasks.TASKS[t].instructions) for t in ("derain", "cartoonize"))
+    bank.add(random_lora(base, "derain", rank=2, seed=1, instructions=derain))
+    bank.add(random_custom_diffusion(base, "cartoonize", seed=2, instructions=cartoonize))
+    bank.add(random_custom_diffusion(base, "merged", seed=3, instructions=derain + cartoonize))
+    assert bank.route("make it brighter")[0] is None and bank.route("invert the colors")[0] is None
+    assert bank.route("please remove the rain")[0] in ("derain", "merged")
+    assert bank.route_threshold > 0.15, bank.route_details("make it brighter")
     bank.close()

@@ -25,16 +25,12 @@ from ..errors import AdapterkitError
 from ..inference import encode_text
 from . import batched
 from .record import Adapter
-from .routing import Router, read_background
+from .routing import Router, normalise_instruction, read_background
 from .residency import Residency, state_bytes
 from .registry import get_method, method_names
 from .tokens import TokenSwap
 
 AUTO = "auto"
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 @torch.no_grad()
@@ -182,9 +178,9 @@ class AdapterBank:
         with self._lock:
             router = self._calibrated()
             threshold = self.route_threshold
-            key = _normalise(instruction)
+            key = normalise_instruction(instruction)
             for task, adapter in self._adapters.items():
-                if any(_normalise(i) == key for i in adapter.instructions):
+                if any(normalise_instruction(i) == key for i in adapter.instructions):
                     return {"task": task, "score": 1.0, "scores": {task: 1.0}, "threshold": threshold,
                             "stored": True, "calibration": router.calibration}
             scores = router.scores(instruction) if router.tasks else {}

@@ -14,7 +14,8 @@ score(q, t) = (1 - alpha) * lex + alpha * cosine.
 
 Calibration (`calibrate`, run when the bank's tasks change): leave-one-out over the bank's stored instructions.
 Each stored instruction, removed from its task, is a positive for that task; its best score among the other
-tasks is a negative (an instruction of a task the bank lacked must go to the base). alpha and beta (small grids)
+tasks is a negative (an instruction of a task the bank lacked must go to the base), leaving out tasks that store
+the same instruction (a merged adapter keeps its sources' phrasings: that match is no confusion). alpha and beta (small grids)
 and the threshold are those of the best balanced accuracy (threshold halfway between neighbouring scores). The
 background prompts are not negatives: they include the usual task phrasings ("derain the image"). Cost: one
 pass over the stored instructions per beta (50 tasks x 5 instructions: ~7 s on one CPU thread), run lazily on the
@@ -151,16 +152,21 @@ class Router:
         if not items:
             return {}
         queries = self.encode([text for _t, _j, text in items])
+        # Tasks that store the same instruction are not confusions: a merged adapter keeps its sources' phrasings,
+        # and counting its exact match as a negative pushed the demo's threshold to 0.09 ("make it brighter" went
+        # to cartoonize with a score of 0.10).
+        stored = {t: {normalise_instruction(i) for i in texts} for t, texts in self.tasks.items()}
+        holders = [{u for u, keys in stored.items() if normalise_instruction(text) in keys} for _t, _j, text in items]
         best = None
         for beta in BETAS:
             parts = [self.parts(text, queries[k], exclude=(t, j), beta=beta) for k, (t, j, text) in enumerate(items)]
             for alpha in ALPHAS:
                 pos, neg = [], []
-                for (t, _j, _text), (lex, cos) in zip(items, parts):
+                for (t, _j, _text), (lex, cos), shared in zip(items, parts, holders):
                     s = {u: (1 - alpha) * lex[u] + alpha * cos[u] for u in lex}
                     if t in s:
                         pos.append(s[t])
-                    others = [v for u, v in s.items() if u != t]
+                    others = [v for u, v in s.items() if u != t and u not in shared]
                     if others:
                         neg.append(max(others))
                 threshold, right = _best_split(pos, neg)
@@ -170,6 +176,11 @@ class Router:
         self.calibration = {"alpha": self.alpha, "beta": self.beta, "threshold": round(self.threshold, 4),
                             "loo_balanced_accuracy": round(right / 2, 4), "loo_positives": n_pos, "loo_negatives": n_neg}
         return self.calibration
+
+
+def normalise_instruction(text: str) -> str:
+    """Case and spacing ignored, as the bank's exact-match rule compares instructions."""
+    return " ".join(text.lower().split())
 
 
 def _shares(docs: list[set[str]]) -> dict[str, float]:
