@@ -43,7 +43,7 @@ def test_demo_runs_every_phase_and_writes_its_report(tmp_path):
     expected = measures.masked_psnr(read("base"), read("target"), rain_mask(0, 0, summary["base"]["resolution"]))
     assert measures_["derain"]["columns"]["base"] == pytest.approx(expected)
     merged = json.load(open(os.path.join(out, "merges", "merged-lsq", "adapter.json")))
-    assert merged["merge"]["method"] == "lsq-soft"
+    assert merged["merge"]["method"] == "lsq"  # adapterkit merge's default, exact on v2's 256-wide text features
     bank = summary["bank"]
     assert set(bank["swap_ms"]) == {"derain", "cartoonize", "merged-lsq"} and all(ms > 0 for ms in bank["swap_ms"].values())
     routed = {r["instruction"]: r["task"] for r in bank["routing"]}
@@ -51,8 +51,8 @@ def test_demo_runs_every_phase_and_writes_its_report(tmp_path):
     table = format_summary(summary)
     assert table.splitlines()[0].split()[:5] == ["task", "method", "base", "adapter", "gain"] and "hot-swap" in table
     # issue 19: the adapter as the README names it, a line for the merge step, "cache latents" explained
-    assert "derain      LoRA r32 on K/V, 2 steps" in table and "cartoonize  Custom Diffusion, 2 steps" in table
-    assert "merge: lsq = lsq-soft over " in table and "; linear = plain average, drift on regularization prompts" in table
+    assert "derain      LoRA r128 on K/V, 2 steps" in table and "cartoonize  Custom Diffusion, 2 steps" in table
+    assert "merge: lsq = exact least squares over " in table and "; linear = plain average, drift on regularization prompts" in table
     assert "the 'cache latents' bar" in table
     html = open(summary["files"]["report_html"], encoding="utf-8").read()
     for task, row in summary["tasks"].items():  # report.html shows retention in the printout's form
@@ -67,9 +67,9 @@ def _summary(**settings) -> dict:
     """A summary as run_demo returns it, with round figures."""
     row = {"psnr_base": 16.29, "psnr_adapter": 18.53, "gain_db": 2.24, "psnr_lsq": 18.78, "retention_lsq": 1.113,
            "psnr_linear": 17.55, "retention_linear": 0.5625}
-    merge = {"method": "lsq-soft", "constraint_rows": 770, "drift": 0.048, "time_s": {"total": 0.1}}
+    merge = {"method": "lsq", "constraint_rows": 56, "drift": 0.048, "time_s": {"total": 0.1}}
     return {
-        "settings": {**DemoSettings().__dict__, "merge_method": "lsq-soft", "merge_positions": "all", **settings},
+        "settings": {**DemoSettings().__dict__, **settings},
         "tasks": {"derain": {"method": "lora", **row}, "cartoonize": {"method": "custom-diffusion", **row}},
         "task_measures": {},
         "merge": {"lsq": merge, "linear": {"method": "linear", "drift": 0.36, "time_s": {"total": 0.05}}},
@@ -83,12 +83,12 @@ def test_the_printout_says_what_the_readme_says_issue_19():
 
     table = format_summary(_summary())
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    for label in ("LoRA r32 on K/V, 400 steps", "Custom Diffusion, 300 steps"):  # the README demo table's adapter column
+    for label in ("LoRA r128 on K/V, 150 steps", "Custom Diffusion, 150 steps"):  # the README demo table's adapter column
         assert label in table and f"| {label} |" in readme
     assert " 111% " in table and format_retention(1.113) == "111%"  # one form: the eval table and report.html too
-    assert "merge: lsq = lsq-soft over 770 constraint rows, drift on regularization prompts 0.048, 0.10 s; " in table
+    assert "merge: lsq = exact least squares over 56 constraint rows, drift on regularization prompts 0.048, 0.10 s; " in table
     assert "encodes its 256 rows once (the 'cache latents' bar" in table and "cache latents" in readme
-    assert "LoRA r32 on K/V, 50 steps" in format_summary(_summary(train_steps=50))
+    assert "LoRA r128 on K/V, 50 steps" in format_summary(_summary(train_steps=50))
 
 
 def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_issue_19():

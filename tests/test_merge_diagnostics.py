@@ -1,5 +1,5 @@
 """Issue 15: merge diagnostics grounded in measured quantities, m near the text width, the written file's residual,
-probe phrasings. Calibrated on the bundled base builtin:tiny v1 (text width 32), as adapterkit.merge.diagnostics
+probe phrasings. Calibrated on builtin:tiny v1 (text width 32; in tests/data since v2 is bundled), as adapterkit.merge.diagnostics
 documents.
 """
 
@@ -18,6 +18,7 @@ from adapterkit.demo.tasks import TASKS
 from adapterkit.errors import AdapterkitError
 from adapterkit.merge import features, merge
 from adapterkit.testing import instruction_custom_diffusion
+from conftest import TINY_V1
 
 
 pytestmark = pytest.mark.usefixtures("feature_cache")  # conftest.py: one cache outside the home
@@ -32,48 +33,48 @@ def pair(base, k_derain: int, k_other: int, other: str = "cartoonize"):
     return a, b
 
 
-def test_issue15_1_warnings_fire_on_lost_tasks_and_not_on_kept_ones(bundled):
-    a, b = pair(bundled, 1, 1)
+def test_issue15_1_warnings_fire_on_lost_tasks_and_not_on_kept_ones(tiny_v1):
+    a, b = pair(tiny_v1, 1, 1)
     # Kept: soft over all 77 positions reproduces each task's prompts far better than averaging.
-    kept = merge([a, b], bundled, "lsq-soft", positions="all", quiet=True).report
+    kept = merge([a, b], tiny_v1, "lsq-soft", positions="all", quiet=True).report
     for t in kept["tasks"]:
         assert t["prompt_residual"] < 0.5 * t["prompt_residual_linear"]
     assert kept["warnings"] == []  # main warned here ("drifts more than any source ... try --method lsq-soft")
     # Lost: exact over EOS rows leaves the padding positions to the regularization; the UNet reads them.
-    lost = merge([a, b], bundled, "lsq", quiet=True).report
+    lost = merge([a, b], tiny_v1, "lsq", quiet=True).report
     assert all(t["prompt_residual"] > t["prompt_residual_linear"] for t in lost["tasks"])
     assert len([w for w in lost["warnings"] if "likely lost" in w]) == 2
     assert all("--positions all" in w for w in lost["warnings"] if "likely lost" in w)
     # A soft merge never tells the user to try the soft merge.
-    assert not any("--method lsq-soft" in w for w in kept["warnings"] + merge([a, b], bundled, "lsq-soft", quiet=True).report["warnings"])
+    assert not any("--method lsq-soft" in w for w in kept["warnings"] + merge([a, b], tiny_v1, "lsq-soft", quiet=True).report["warnings"])
 
 
-def test_issue15_2_rows_equal_to_the_text_width_are_refused_naming_rows_and_fix(bundled, tmp_path):
-    a, b = pair(bundled, 1, 3, other="lowlight")  # 4 + 28 = 32 rows of 32 (main: exit 0)
+def test_issue15_2_rows_equal_to_the_text_width_are_refused_naming_rows_and_fix(tiny_v1, tmp_path):
+    a, b = pair(tiny_v1, 1, 3, other="lowlight")  # 4 + 28 = 32 rows of 32 (main: exit 0)
     folders = [save_adapter(x, str(tmp_path / x.task)) for x in (a, b)]
-    run = CliRunner().invoke(main, ["merge", *folders, "--base", "builtin:tiny", "--output", str(tmp_path / "m"), "--quiet"])
+    run = CliRunner().invoke(main, ["merge", *folders, "--base", TINY_V1, "--output", str(tmp_path / "m"), "--quiet"])
     assert run.exit_code == 2, run.output
     assert "32" in run.output and "derain 4" in run.output and "lowlight 28" in run.output and "--method lsq-soft" in run.output
     assert not os.path.exists(tmp_path / "m")
 
 
-def test_issue15_2_rows_near_the_text_width_warn(bundled):
-    a, b = pair(bundled, 3, 3)  # 18 + 12 = 30 rows of 32
-    report = merge([a, b], bundled, "lsq", quiet=True).report
+def test_issue15_2_rows_near_the_text_width_warn(tiny_v1):
+    a, b = pair(tiny_v1, 3, 3)  # 18 + 12 = 30 rows of 32
+    report = merge([a, b], tiny_v1, "lsq", quiet=True).report
     assert report["constraint_rows"] == 30
     assert report["drift_ratio"] > 4.0
     assert any("30 constraint rows of 32" in w and "--method lsq-soft" in w for w in report["warnings"])
-    small = merge(list(pair(bundled, 1, 1)), bundled, "lsq", quiet=True).report
+    small = merge(list(pair(tiny_v1, 1, 1)), tiny_v1, "lsq", quiet=True).report
     assert small["drift_ratio"] < 2.0 and not any("constraint rows of" in w for w in small["warnings"])
 
 
-def test_issue15_6_residual_is_measured_on_the_written_float32_file(bundled, tmp_path):
-    a, b = pair(bundled, 1, 1)
-    result = merge([a, b], bundled, "lsq", output=str(tmp_path / "m"), quiet=True)
+def test_issue15_6_residual_is_measured_on_the_written_float32_file(tiny_v1, tmp_path):
+    a, b = pair(tiny_v1, 1, 1)
+    result = merge([a, b], tiny_v1, "lsq", output=str(tmp_path / "m"), quiet=True)
     saved = load_adapter(str(tmp_path / "m"))
-    layers = cross_attention_kv_layers(bundled.unet)
+    layers = cross_attention_kv_layers(tiny_v1.unet)
     for task, source in zip(result.report["tasks"], (a, b)):
-        rows = torch.cat(list(features.instruction_features(bundled, source.instructions).values()))
+        rows = torch.cat(list(features.instruction_features(tiny_v1, source.instructions).values()))
         ratios = []
         for name, layer in layers.items():
             w0 = layer.weight.detach().double()
@@ -85,14 +86,14 @@ def test_issue15_6_residual_is_measured_on_the_written_float32_file(bundled, tmp
         assert task["residual"] == pytest.approx(independent, rel=1e-3)
 
 
-def test_probe_instructions_score_retention_and_refuse_stored_phrasings(bundled, tmp_path):
-    a, b = pair(bundled, 1, 1)
+def test_probe_instructions_score_retention_and_refuse_stored_phrasings(tiny_v1, tmp_path):
+    a, b = pair(tiny_v1, 1, 1)
     probes = tmp_path / "probes.txt"
     probes.write_text("# never stored\nderain: please remove the rain\ncartoonize: make it a cartoon drawing\n")
-    report = merge([a, b], bundled, "lsq-soft", positions="all", probe_instructions=str(probes), quiet=True).report
-    rows = features.instruction_features(bundled, ["please remove the rain"], "all")["please remove the rain"]
-    layers = cross_attention_kv_layers(bundled.unet)
-    result = merge([a, b], bundled, "lsq-soft", positions="all", quiet=True)
+    report = merge([a, b], tiny_v1, "lsq-soft", positions="all", probe_instructions=str(probes), quiet=True).report
+    rows = features.instruction_features(tiny_v1, ["please remove the rain"], "all")["please remove the rain"]
+    layers = cross_attention_kv_layers(tiny_v1.unet)
+    result = merge([a, b], tiny_v1, "lsq-soft", positions="all", quiet=True)
     ratios = []
     for name, layer in layers.items():
         own = (a.tensors[name].double() - layer.weight.detach().double()) @ rows.T
@@ -101,11 +102,11 @@ def test_probe_instructions_score_retention_and_refuse_stored_phrasings(bundled,
     assert derain["probe"]["phrasings"] == 1
     assert derain["probe"]["retention"] == pytest.approx(1 - sum(ratios) / len(ratios), rel=1e-3, abs=1e-4)
     with pytest.raises(AdapterkitError, match="stored instructions"):
-        merge([a, b], bundled, "lsq", probe_instructions={"derain": [a.instructions[0]]}, quiet=True)
+        merge([a, b], tiny_v1, "lsq", probe_instructions={"derain": [a.instructions[0]]}, quiet=True)
     with pytest.raises(AdapterkitError, match="not among the merged"):
-        merge([a, b], bundled, "lsq", probe_instructions={"dehaze": ["remove the haze"]}, quiet=True)
+        merge([a, b], tiny_v1, "lsq", probe_instructions={"dehaze": ["remove the haze"]}, quiet=True)
     bad = tmp_path / "bad.txt"
     bad.write_text("no colon here\n")
     run = CliRunner().invoke(main, ["merge", *[save_adapter(x, str(tmp_path / x.task)) for x in (a, b)], "--base",
-                                    "builtin:tiny", "--output", str(tmp_path / "m"), "--probe-instructions", str(bad)])
+                                    TINY_V1, "--output", str(tmp_path / "m"), "--probe-instructions", str(bad)])
     assert run.exit_code == 2 and "line 1" in run.output

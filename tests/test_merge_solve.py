@@ -55,21 +55,21 @@ def regularization_rows(base, eos_only: bool) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def test_issue15_3_readme_lsq_soft_formula_is_what_the_code_solves(bundled):
+def test_issue15_3_readme_lsq_soft_formula_is_what_the_code_solves(tiny_v1):
     readme = read_readme()
     section = readme[readme.index("### merge"): readme.index("### eval")]
     assert "W^T = (lam G + M)^-1 (lam sum_g w~_g c_g v_g^T + M W0^T)" in section
     assert "lam' = lam * n / sum_g w_g" in section
-    a = random_custom_diffusion(bundled, "derain", seed=1, instructions=["derain the image"])
-    b = random_custom_diffusion(bundled, "cartoonize", seed=2, instructions=["cartoonize the photo"])
-    result = merge([a, b], bundled, "lsq-soft", target_weight=3.0, ridge=0.0, quiet=True)
+    a = random_custom_diffusion(tiny_v1, "derain", seed=1, instructions=["derain the image"])
+    b = random_custom_diffusion(tiny_v1, "cartoonize", seed=2, instructions=["cartoonize the photo"])
+    result = merge([a, b], tiny_v1, "lsq-soft", target_weight=3.0, ridge=0.0, quiet=True)
     assert result.report["shared_rows"]["count"] == 0
     lam = result.report["target_weight_unnormalised"]  # the README's unnormalised lambda
-    reg = regularization_rows(bundled, eos_only=False)
+    reg = regularization_rows(tiny_v1, eos_only=False)
     ordered = sorted({t for s in (a, b) for t in s.instructions})
-    ids, hidden = features.encode_tokens(bundled.pipe, ordered)
-    rows = dict(zip(ordered, first_eos_rows(ids, hidden, bundled.pipe.tokenizer.eos_token_id)))
-    w0s = base_weights(bundled)
+    ids, hidden = features.encode_tokens(tiny_v1.pipe, ordered)
+    rows = dict(zip(ordered, first_eos_rows(ids, hidden, tiny_v1.pipe.tokenizer.eos_token_id)))
+    w0s = base_weights(tiny_v1)
     for name, w0 in w0s.items():
         lhs = reg.T @ reg
         rhs = reg.T @ reg @ w0.T
@@ -81,12 +81,12 @@ def test_issue15_3_readme_lsq_soft_formula_is_what_the_code_solves(bundled):
         assert float((result.updates[name] - want).norm() / want.norm()) < 1e-6, name
 
 
-def test_soft_solve_forms_agree(bundled, monkeypatch):
-    a, b = (instruction_custom_diffusion(bundled, t, [i], seed=s) for s, (t, i) in enumerate(
+def test_soft_solve_forms_agree(tiny_v1, monkeypatch):
+    a, b = (instruction_custom_diffusion(tiny_v1, t, [i], seed=s) for s, (t, i) in enumerate(
         [("derain", "derain the image"), ("cartoonize", "make it a cartoon")], start=1))
-    dual = merge([a, b], bundled, "lsq-soft", positions="all", quiet=True).updates
+    dual = merge([a, b], tiny_v1, "lsq-soft", positions="all", quiet=True).updates
     monkeypatch.setattr(lsq, "DUAL_SOFT_MAX_ROWS", 0)
-    primal = merge([a, b], bundled, "lsq-soft", positions="all", quiet=True).updates
+    primal = merge([a, b], tiny_v1, "lsq-soft", positions="all", quiet=True).updates
     for name, delta in dual.items():
         assert float((primal[name] - delta).norm() / delta.norm()) < 1e-6, name
 
@@ -137,13 +137,13 @@ def test_grouping_matches_all_pairs():
     assert fast == [slow[k] for k in sorted(slow)]
 
 
-def test_issue15_5_default_ridge_does_not_move_the_update(bundled):
-    a, b = (instruction_custom_diffusion(bundled, t, [i], seed=s) for s, (t, i) in enumerate(
+def test_issue15_5_default_ridge_does_not_move_the_update(tiny_v1):
+    a, b = (instruction_custom_diffusion(tiny_v1, t, [i], seed=s) for s, (t, i) in enumerate(
         [("derain", "derain the image"), ("cartoonize", "cartoonize the image")], start=1))
-    unridged = merge([a, b], bundled, "lsq", ridge=0.0, quiet=True)
-    default = merge([a, b], bundled, "lsq", quiet=True)
-    strong = merge([a, b], bundled, "lsq", ridge=1e-4, quiet=True)
-    w0 = base_weights(bundled)
+    unridged = merge([a, b], tiny_v1, "lsq", ridge=0.0, quiet=True)
+    default = merge([a, b], tiny_v1, "lsq", quiet=True)
+    strong = merge([a, b], tiny_v1, "lsq", ridge=1e-4, quiet=True)
+    w0 = base_weights(tiny_v1)
     updates = [{n: r.adapter.tensors[n].double() - w for n, w in w0.items()} for r in (unridged, default)]  # the files
     move = max(float((updates[1][n] - u).norm() / u.norm()) for n, u in updates[0].items())
     assert move < 1e-3  # 1e-6 (the old default) moved it by several percent here
@@ -175,20 +175,20 @@ def reference_closed_form(base, sources, reg: torch.Tensor) -> dict[str, torch.T
     return out
 
 
-def test_paper_exact_mode_matches_an_independent_closed_form(bundled):
+def test_paper_exact_mode_matches_an_independent_closed_form(tiny_v1):
     sources = [
-        random_custom_diffusion(bundled, "rainy", seed=1, instructions=["make it rain", "derain the image"]),
-        random_custom_diffusion(bundled, "snowy", seed=2, instructions=["make it snow"]),  # shares "make it"
+        random_custom_diffusion(tiny_v1, "rainy", seed=1, instructions=["make it rain", "derain the image"]),
+        random_custom_diffusion(tiny_v1, "snowy", seed=2, instructions=["make it snow"]),  # shares "make it"
     ]
-    reg = regularization_rows(bundled, eos_only=True)
-    want = reference_closed_form(bundled, sources, reg)
-    got = merge(sources, bundled, "lsq", ridge=0.0, reg_positions="eos", shared_rows="first", quiet=True)
+    reg = regularization_rows(tiny_v1, eos_only=True)
+    want = reference_closed_form(tiny_v1, sources, reg)
+    got = merge(sources, tiny_v1, "lsq", ridge=0.0, reg_positions="eos", shared_rows="first", quiet=True)
     assert got.report["regularization"]["rows"] == reg.shape[0]
     for name, update in want.items():
         assert float((got.updates[name] - update).norm() / update.norm()) <= 1e-8, name
     # First-wins is order-dependent: swapped inputs give another answer; the default mean rule does not.
-    swapped = merge(sources[::-1], bundled, "lsq", ridge=0.0, reg_positions="eos", shared_rows="first", quiet=True)
+    swapped = merge(sources[::-1], tiny_v1, "lsq", ridge=0.0, reg_positions="eos", shared_rows="first", quiet=True)
     assert max(float((swapped.updates[n] - u).norm() / u.norm()) for n, u in got.updates.items()) > 1e-3
-    mean = [merge(s, bundled, "lsq", ridge=0.0, quiet=True).updates for s in (sources, sources[::-1])]
+    mean = [merge(s, tiny_v1, "lsq", ridge=0.0, quiet=True).updates for s in (sources, sources[::-1])]
     assert max(float((mean[1][n] - u).norm() / u.norm()) for n, u in mean[0].items()) < 1e-9
     assert re.search(r"order-dependent", read_readme())

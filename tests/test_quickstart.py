@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from adapterkit.cli import main
+from conftest import TINY_V1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -63,17 +64,37 @@ def test_readme_walkthrough_runs_end_to_end_with_default_options(tmp_path, monke
     assert os.path.isfile(tmp_path / "derained.png")
 
 
-def test_default_lsq_refusal_names_each_adapters_rows_and_the_fix():
-    """The README's two adapters store five phrasings each: 54 rows > builtin:tiny v1's 32 text dimensions."""
-    from adapterkit.base import load_base
+def _readme_pair(base):
+    """Adapters storing the README's phrasings: derain (LoRA) and cartoonize (Custom Diffusion), five each."""
     from adapterkit.demo.tasks import get_task
-    from adapterkit.errors import AdapterkitError
-    from adapterkit.merge import merge
     from adapterkit.testing import random_custom_diffusion, random_lora
 
-    base = load_base("builtin:tiny")
     derain = random_lora(base, "derain", rank=2, seed=1, instructions=list(get_task("derain").instructions))
     cartoonize = random_custom_diffusion(base, "cartoonize", seed=2, instructions=list(get_task("cartoonize").instructions))
+    return derain, cartoonize
+
+
+def test_default_lsq_merges_the_readme_adapters_on_builtin_tiny():
+    """Issue 18, point 4: builtin:tiny v2's text width (256) holds both adapters' end-of-text rows, so the default
+    method, exact lsq, merges what the walk-through trains and keeps every stored phrasing's K/V outputs."""
+    from adapterkit.base import load_base
+    from adapterkit.merge import merge
+
+    base = load_base("builtin:tiny")
+    result = merge(list(_readme_pair(base)), base, "lsq", quiet=True)
+    report = result.report
+    assert report["method"] == "lsq" and report["d_text"] == 256 and 40 <= report["constraint_rows"] < 256
+    assert all(task["residual"] < 1e-3 for task in report["tasks"]), report["tasks"]  # on the written float32 file
+
+
+def test_default_lsq_refusal_names_each_adapters_rows_and_the_fix():
+    """On a narrow text encoder (builtin:tiny v1, width 32) the same two adapters' 54 rows cannot all hold exactly."""
+    from adapterkit.base import load_base
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.merge import merge
+
+    base = load_base(TINY_V1)
+    derain, cartoonize = _readme_pair(base)
     with pytest.raises(AdapterkitError) as refused:
         merge([derain, cartoonize], base, "lsq")
     message = str(refused.value)

@@ -33,9 +33,12 @@ def test_builtin_tiny_loads_offline_and_records_its_resolution(base):
     assert base.unet.config.in_channels == 2 * base.pipe.vae.config.latent_channels and len(base.fingerprint) == 16
     assert len(base.pipe.tokenizer) > 256  # a real vocabulary, not the empty offline fallback
     assert len(cross_attention_kv_layers(base.unet)) >= 6
-    # The bundled base (v1) learned 10 of the general edits; the build script's v2 adds six more (issue 12).
-    assert info["default_steps"] >= 1 and set(info["general_tasks"]) <= set(tasks.GENERAL_TASKS)
-    assert not set(info["general_tasks"]) & set(tasks.HELDOUT_TASKS)
+    # v2 (issue 12): all 16 general edits, the held-out tasks never shown; a text width with room for exact merges of
+    # 4 tasks x 5 phrasings; cross-attention at every latent level but the lowest, as SD1.5.
+    assert info["default_steps"] >= 1 and info["general_tasks"] == list(tasks.GENERAL_TASKS)
+    assert info["heldout_tasks"] == list(tasks.HELDOUT_TASKS) and not set(info["general_tasks"]) & set(tasks.HELDOUT_TASKS)
+    assert base.pipe.text_encoder.config.hidden_size == base.unet.config.cross_attention_dim == 256
+    assert info["build_config"]["threads"] == info["cpu_threads"] and info["torch"].startswith("2.")
 
 
 def test_bundled_files_are_small_and_all_packaged():
