@@ -31,7 +31,7 @@ What it trains, in order (seeded; the recorded torch version and thread count re
    drawn twice as often as the tone edits (`spatial_weight`). The text encoder is frozen from then on: adapters
    change only the UNet's attn2 K/V (Custom Diffusion) or add LoRA.
 The pipeline is saved with a DDIM scheduler and `adapterkit_base.json` (resolution, defaults, provenance, metrics,
-VAE round-trip PSNR per task). The bundled folder still holds version 1 until a v2 build passes issue 12's checks.
+VAE round-trip PSNR per task). adapterkit/demo/tiny_base holds this build (v2); v1 is in tests/data/tiny_base_v1.
 """
 
 from __future__ import annotations
