@@ -239,7 +239,8 @@ def merge_command(adapters, weights, fuse, output_pipeline, **options):
 @main.command("demo-data")
 @click.option("--task", "tasks", required=True, multiple=True,
               help="Procedural task: derain, cartoonize, denoise, lowlight (held out from builtin:tiny) or a general "
-                   "edit (brighter, darker, contrast, grayscale, hue, blur, sharpen, invert, posterize, sepia). "
+                   "edit (brighter, darker, contrast, grayscale, hue, invert, posterize, sepia, saturate, warmer, blur, "
+                   "sharpen, smooth, median, outline, pixelate). "
                    "Repeat it to write several tasks into one folder (--rows rows of each).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Dataset folder to write (imagefolder + metadata.jsonl).")
 @click.option("--rows", default=200, show_default=True, type=int, help="Number of (input, instruction, target) rows per task.")

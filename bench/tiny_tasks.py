@@ -3,8 +3,9 @@
     python bench/tiny_tasks.py                 # all four tasks, 16 held-out rows each (~15-25 min on 2 cores)
     python bench/tiny_tasks.py --rows 4 --steps 2 --tasks derain cartoonize   # a smoke run
 
-For each of derain, cartoonize, denoise and lowlight: train the task's adapter with its recipe
-(`adapterkit.demo.run.TASK_RECIPES`) on 256 procedural training rows; on held-out rows (crops of photographs
+For each of derain, cartoonize, denoise and lowlight: train the task's adapter with its method
+(`adapterkit.demo.run.TASK_METHODS`) and the base's recommended settings, as `adapterkit train` does with no other
+option, on 256 procedural training rows; on held-out rows (crops of photographs
 training never sees) score the base, the adapter, the least-squares merge at adapterkit's defaults
 (`merge(..., method="lsq")`: exact constraints at positions 1..EOS of every stored phrasing) and the plain
 average (linear), for the demo's two tasks and for all four. Columns: PSNR and SSIM to the target, the task's own
@@ -65,7 +66,7 @@ def _retention(merged: float, adapter: float, base: float) -> float | None:
 def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str, work: str, quiet: bool) -> dict:
     from adapterkit import AdapterBank, load_base, merge
     from adapterkit.demo import tasks
-    from adapterkit.demo.run import TASK_RECIPES, train_task_adapter
+    from adapterkit.demo.run import TASK_METHODS, train_task_adapter
     from adapterkit.errors import AdapterkitError
 
     base = load_base(base_name)
@@ -76,7 +77,7 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
         start = time.perf_counter()
         folder = tasks.write_task_dataset(task, os.path.join(work, f"{task}-train"), n=256, resolution=base.resolution, quiet=True)
         adapters[task] = train_task_adapter(base_name, task, folder, os.path.join(work, "adapters", task),
-                                            TASK_RECIPES[task], steps=steps_override, quiet=quiet)
+                                            TASK_METHODS[task], steps=steps_override, quiet=quiet)
         timings[f"train_{task}"] = round(time.perf_counter() - start, 1)
     groups = {"two": tasks_[:2], "all": tasks_} if len(tasks_) > 2 else {"two": tasks_}
     merged, refused = {}, {}
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base", default="builtin:tiny")
     parser.add_argument("--tasks", nargs="+", default=["derain", "cartoonize", "denoise", "lowlight"])
     parser.add_argument("--rows", type=int, default=16, help="held-out rows per task")
-    parser.add_argument("--steps", type=int, help="override every recipe's optimizer steps (smoke runs)")
+    parser.add_argument("--steps", type=int, help="override the recommended optimizer steps (smoke runs)")
     parser.add_argument("--work", help="folder for datasets and adapters (default: a temporary folder)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -20,7 +20,9 @@ def test_demo_runs_every_phase_and_writes_its_report(tmp_path):
     summary = run_demo(out, DemoSettings(train_rows=8, eval_rows=1, train_steps=2), quiet=True)
     assert set(summary["tasks"]) == set(DEMO_TASKS)
     for task, row in summary["tasks"].items():
-        assert row["method"] == DEMO_TASKS[task].method
+        assert row["method"] == DEMO_TASKS[task]
+        # The label comes from the adapter's own record: the base's recommended rank, the steps actually taken.
+        assert row["adapter"] == {"lora": "LoRA r128 on K/V, 2 steps", "custom-diffusion": "Custom Diffusion, 2 steps"}[row["method"]]
         assert row["gain_db"] == pytest.approx(row["psnr_adapter"] - row["psnr_base"])
         assert {"psnr_lsq", "psnr_linear", "retention_lsq", "retention_linear"} <= set(row)
     for path in (summary["files"]["report_html"], summary["files"]["report_json"], *summary["files"]["grids"].values()):
@@ -70,7 +72,8 @@ def _summary(**settings) -> dict:
     merge = {"method": "lsq", "constraint_rows": 56, "drift": 0.048, "time_s": {"total": 0.1}}
     return {
         "settings": {**DemoSettings().__dict__, **settings},
-        "tasks": {"derain": {"method": "lora", **row}, "cartoonize": {"method": "custom-diffusion", **row}},
+        "tasks": {"derain": {"method": "lora", "adapter": "LoRA r128 on K/V, 150 steps", **row},
+                  "cartoonize": {"method": "custom-diffusion", "adapter": "Custom Diffusion, 150 steps", **row}},
         "task_measures": {},
         "merge": {"lsq": merge, "linear": {"method": "linear", "drift": 0.36, "time_s": {"total": 0.05}}},
         "bank": {"swap_ms": {"derain": 0.17}, "edit_ms": 416.0, "routing": []},
@@ -88,7 +91,6 @@ def test_the_printout_says_what_the_readme_says_issue_19():
     assert " 111% " in table and format_retention(1.113) == "111%"  # one form: the eval table and report.html too
     assert "merge: lsq = exact least squares over 56 constraint rows, drift on regularization prompts 0.048, 0.10 s; " in table
     assert "encodes its 256 rows once (the 'cache latents' bar" in table and "cache latents" in readme
-    assert "LoRA r128 on K/V, 50 steps" in format_summary(_summary(train_steps=50))
 
 
 def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_issue_19():

@@ -49,6 +49,25 @@ def test_issue15_1_warnings_fire_on_lost_tasks_and_not_on_kept_ones(tiny_v1):
     assert not any("--method lsq-soft" in w for w in kept["warnings"] + merge([a, b], tiny_v1, "lsq-soft", quiet=True).report["warnings"])
 
 
+@pytest.mark.parametrize("prompt, linear, warned", [
+    (0.83, 0.58, False),  # builtin:tiny v2's derain in the demo's exact merge: kept 68% of its gain, averaging 38%
+    (0.98, 1.14, False),  # better than averaging
+    (1.00, 0.60, True),  # the base's own residual: nothing of the task kept, and averaging keeps some
+    (4.45, 1.25, True),  # builtin:tiny v1's cartoonize in the exact EOS merge: kept -82%
+    (1.20, 1.30, False),  # lost either way, but averaging would not save it
+])
+def test_likely_lost_needs_a_prompt_residual_of_at_least_the_bases_and_above_averagings(prompt, linear, warned):
+    from adapterkit.merge.diagnostics import warnings
+    from adapterkit.merge.methods import METHODS
+
+    report = {"drift": 0.1, "positions": "eos", "tasks": [{"task": "derain", "prompt_residual": prompt,
+                                                          "prompt_residual_linear": linear, "source_drift": 0.1}]}
+    said = [w for w in warnings(report, METHODS["lsq"]) if "likely lost" in w]
+    assert bool(said) == warned, said
+    if warned:
+        assert f"{prompt:.2f} of its change off (the base alone: 1.00)" in said[0] and "--positions all" in said[0]
+
+
 def test_issue15_2_rows_equal_to_the_text_width_are_refused_naming_rows_and_fix(tiny_v1, tmp_path):
     a, b = pair(tiny_v1, 1, 3, other="lowlight")  # 4 + 28 = 32 rows of 32 (main: exit 0)
     folders = [save_adapter(x, str(tmp_path / x.task)) for x in (a, b)]

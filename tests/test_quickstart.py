@@ -44,23 +44,25 @@ def test_readme_walkthrough_runs_end_to_end_with_default_options(tmp_path, monke
         printed.setdefault(args[0], []).append(result.output)
     from adapterkit.base import read_base_info
 
-    recommended = read_base_info("builtin:tiny")["training_defaults"]
+    info = read_base_info("builtin:tiny")
+    recommended = info["training_defaults"]
+    sampler = f"guidance {info['default_guidance']:g}, image guidance {info['default_image_guidance']:g}"
     for folder, method in (("adapters/derain", "lora"), ("adapters/cartoonize", "custom-diffusion")):
         training = json.load(open(tmp_path / folder / "adapter.json"))["training"]
         expected = {k: v for k, v in recommended[method].items() if k != "steps"}  # --steps 2 given by the smoke run
         assert training["recommended_by_base"] == expected
         assert all(training[k] == v for k, v in expected.items())
     assert all("settings recommended by builtin:tiny" in out for out in printed["train"])
-    assert "sampler: 2 steps, guidance 3, image guidance 2 (steps given; guidance, image guidance recorded by the base)" in printed["eval"][0]
+    assert f"sampler: 2 steps, {sampler} (steps given; guidance, image guidance recorded by the base)" in printed["eval"][0]
     report = json.load(open(tmp_path / "report" / "report.json"))
-    assert report["generation"]["guidance"] == 3.0 and report["generation"]["sampler_source"]["guidance"] == "base"
+    assert report["generation"]["guidance"] == info["default_guidance"] and report["generation"]["sampler_source"]["guidance"] == "base"
     for section in report["tasks"].values():  # 2 rows of 2 steps: retention is n/a unless the gain clears the noise
         view = section["merges"]["merged"]
         assert (view["psnr_retention"] is None) == (view["adapter_gain"]["ci95"][0] <= 0)
         if view["psnr_retention"] is None:  # the reason is in the table and report.html too
             assert view["note"] in printed["eval"][0]
             assert html.escape(view["note"]) in open(tmp_path / "report" / "report.html").read()
-    assert "guidance 3, image guidance 2 (steps given; guidance, image guidance recorded by the base)" in printed["edit"][0]
+    assert f"{sampler} (steps given; guidance, image guidance recorded by the base)" in printed["edit"][0]
     assert os.path.isfile(tmp_path / "derained.png")
 
 
