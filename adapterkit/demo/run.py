@@ -254,9 +254,10 @@ def format_summary(summary: dict) -> str:
 def adapter_label(adapter) -> str:
     """'LoRA r128 on K/V, 150 steps' / 'Custom Diffusion, 150 steps': how the adapter was trained (its adapter.json)."""
     name = _METHOD_LABELS.get(adapter.method, adapter.method)
-    if adapter.method == "lora":
+    rank = adapter.rank  # None for full-weight methods (Custom Diffusion)
+    if rank is not None:
         kv_only = all(path.endswith(("attn2.to_k", "attn2.to_v")) for path in adapter.targets)
-        name = f"LoRA r{adapter.rank}" + (" on K/V" if kv_only else "")
+        name += f" r{rank}" + (" on K/V" if kv_only else "")
     steps = adapter.training.get("steps_done")
     return f"{name}, {steps} steps" if steps else name
 
