@@ -16,7 +16,7 @@ from adapterkit.train import TrainConfig, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_short_lora_training_on_builtin_tiny_improves_heldout_cartoonize(tmp_path):
+def test_short_lora_training_on_builtin_tiny_improves_heldout_cartoonize(tmp_path, capsys):
     task = "cartoonize"  # held out from the base's build: the base alone scores below the unedited input
     data = write_task_dataset(task, str(tmp_path / "train"), n=64, split="train", quiet=True)
     held_out = write_task_dataset(task, str(tmp_path / "eval"), n=6, split="eval", quiet=True)
@@ -26,6 +26,10 @@ def test_short_lora_training_on_builtin_tiny_improves_heldout_cartoonize(tmp_pat
         checkpoint_steps=0, log_with="none", quiet=True,
     ))
     assert adapter.training["steps_done"] == 150
+    # quiet=True prints nothing: the base's recommendation (here lr_scheduler) is in adapter.json, not on stdout,
+    # which benches keep for their JSON.
+    assert adapter.training["recommended_by_base"] == {"lr_scheduler": "cosine"}
+    assert "settings recommended" not in capsys.readouterr().out
     base = load_base("builtin:tiny")
     result = evaluate(base, held_out, [adapter.path], str(tmp_path / "eval-out"), quiet=True,
                       guidance=base.info["default_guidance"], image_guidance=base.info["default_image_guidance"])

@@ -98,7 +98,7 @@ def train(cfg: TrainConfig) -> Adapter:
     (TrainConfig.resolved); the line printed and adapter.json's training.recommended_by_base say which."""
     cfg, from_base = cfg.resolved(read_base_info(cfg.base), f"{cfg.base}'s {BASE_INFO_FILE}")
     accelerator = make_accelerator(cfg)
-    if from_base:
+    if from_base and not cfg.quiet:  # adapter.json keeps them (training.recommended_by_base) either way
         accelerator.print(describe_recommended(from_base, cfg.base))
     run = _setup(cfg, accelerator)
     run.recommended_by_base = from_base
