@@ -335,7 +335,7 @@ def train_command(config_file, **flags):
               help="Folder for datasets, adapters, merges, report.html, report.json, grids/ and demo.json (relative to "
                    "the current folder; the checkout's .gitignore ignores the default).")
 @click.option("--base", default="builtin:tiny", show_default=True, help="Base to run on (the bundled tiny base by default).")
-@click.option("--train-steps", default=None, type=click.IntRange(1), help="Optimizer steps per adapter (default: the demo's tuned value).")
+@click.option("--train-steps", default=None, type=click.IntRange(1), help="Optimizer steps per adapter (default: what the base recommends to `adapterkit train`; builtin:tiny: 150).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(output, base, train_steps, quiet):
     """Train derain + cartoonize adapters on the bundled base, merge them, evaluate, hot-swap and route: ~minutes on CPU."""

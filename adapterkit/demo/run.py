@@ -41,7 +41,7 @@ class DemoSettings:
     train_steps: int | None = None  # optimizer steps per adapter; None: what the base recommends (as `train` does)
     inference_steps: int | None = None  # default: the base's recorded default_steps, else 20
     # The least-squares merge at `adapterkit merge`'s defaults: the paper's exact form on the end-of-text rows of
-    # every stored phrasing. builtin:tiny v2's text width (256) holds the two tasks' ~55 rows; v1's 32 did not, and
+    # every stored phrasing. builtin:tiny v2's text width (256) holds the two tasks' 47 rows; v1's 32 did not, and
     # the demo used the soft form over all 77 positions instead (issue 18, point 4).
     merge_method: str = "lsq"
     merge_positions: str = "eos"
