@@ -4,6 +4,7 @@
     python scripts/build_tiny_base.py --output DIR       # bank (if missing) + VAE + UNet + save + evaluate
     python scripts/build_tiny_base.py --bank-only        # only adapterkit/demo/source_images.safetensors
     python scripts/build_tiny_base.py --evaluate-only --output DIR   # tables of a saved base on held-out crops
+    python scripts/build_tiny_base.py --evaluate-only --record --output DIR   # ... also written into its json
 
 Version 2 (issue 12) keeps SD1.5 IP2P's classes and scales its topology down:
 - a CLIP text encoder of width 256 (`text_width`; SD1.5: 768), so the exact least-squares merge has room for
@@ -54,6 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from adapterkit.demo import tasks  # noqa: E402
+from adapterkit.fileio import atomic_file  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(REPO, "adapterkit", "demo", "tiny_base")
 
@@ -174,8 +176,6 @@ def build_source_bank(path: str = tasks.source_bank_path()) -> str:
     """Downscale each source photograph so its shorter side is BANK_SHORT_SIDE; save uint8 (H, W, 3) tensors."""
     from PIL import Image
     from safetensors.numpy import save_file
-
-    from adapterkit.fileio import atomic_file
 
     bank, licences = {}, {}
     for name, loader, licence in _BANK_SOURCES:
@@ -696,6 +696,9 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help=f"pipeline folder (the bundled base is {DEFAULT_OUTPUT})")
     parser.add_argument("--bank-only", action="store_true", help="only write the source image bank")
     parser.add_argument("--evaluate-only", action="store_true", help="only evaluate the pipeline at --output")
+    parser.add_argument("--record", action="store_true",
+                        help="with --evaluate-only: write the evaluation into the folder's adapterkit_base.json, as a "
+                             "build does (after its sampler defaults change, say)")
     parser.add_argument("--eval-rows", type=int, default=16, help="eval rows per task")
     parser.add_argument("--eval-steps", type=int, help="override the base's default_steps for the evaluation")
     parser.add_argument("--eval-guidance", type=float, help="override default_guidance for the evaluation")
@@ -732,9 +735,9 @@ def main(argv=None) -> int:
     print(f"evaluating {args.output}: {args.eval_rows} eval rows per task, {settings}")
     result = evaluate(args.output, args.eval_rows, split=args.eval_split, **settings)
     _print_evaluation(result)
-    if not args.evaluate_only:  # record the figures with the base they describe
+    if not args.evaluate_only or args.record:  # record the figures with the base they describe
         info["evaluation"] = {"split": args.eval_split, "rows_per_task": args.eval_rows, **settings, **result}
-        with open(info_path, "w", encoding="utf-8") as f:
+        with atomic_file(info_path, "w") as f:  # a crash leaves the old file, never half a json
             json.dump(info, f, indent=2)
             f.write("\n")
     return 0

@@ -60,6 +60,15 @@ def test_two_step_v_prediction_build_saves_a_base_that_loads_and_edits(build_scr
     out = base.pipe(prompt="make it brighter", image=Image.fromarray(image), num_inference_steps=2,
                     output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    # --evaluate-only --record rewrites the evaluation block (as after a change of sampler defaults), nothing else.
+    folder = str(tmp_path / "base")
+    before = {k: v for k, v in info.items() if k != "evaluation"}
+    assert build_script.main(["--output", folder, "--evaluate-only", "--record", "--eval-rows", "1", "--eval-steps", "1",
+                              "--eval-guidance", "2.5", "--threads", "1", "--quiet"]) == 0
+    after = json.loads((tmp_path / "base" / "adapterkit_base.json").read_text())
+    assert {k: v for k, v in after.items() if k != "evaluation"} == before
+    assert (after["evaluation"]["rows_per_task"], after["evaluation"]["steps"], after["evaluation"]["guidance"]) == (1, 1, 2.5)
+    assert {s["task"] for s in after["evaluation"]["scores"]} == set(build_script.tasks.TASKS)
 
 
 @pytest.mark.parametrize("widths", ["60,64,128", "64,abc,128", "64,64"])
