@@ -78,7 +78,7 @@ class Sampler:
         return {**self.options(), "source": dict(self.source)}
 
     def describe(self) -> str:
-        """'sampler: 20 steps, guidance 3.0, image guidance 2.0 (recorded by the base)', sources grouped."""
+        """'sampler: 20 steps, guidance 2, image guidance 1.5 (recorded by the base)', sources grouped."""
         values = f"{self.steps} step{'s' if self.steps != 1 else ''}, guidance {self.guidance:g}, image guidance {self.image_guidance:g}"
         kinds = list(dict.fromkeys(self.source.values()))
         if not kinds:  # a report written before sources were recorded
@@ -91,7 +91,7 @@ class Sampler:
 
 def resolve_sampler(info: dict, steps: int | None = None, guidance: float | None = None,
                     image_guidance: float | None = None) -> Sampler:
-    """Issue 18: a base trained to be sampled at other settings (builtin:tiny: guidance 3, image guidance 2)
+    """Issue 18: a base trained to be sampled at other settings (builtin:tiny: guidance 2, image guidance 1.5)
     records them in adapterkit_base.json; eval and edit use them unless told otherwise, else the blog's 20 / 7 / 1.5."""
     from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 
