@@ -109,6 +109,11 @@ def resolve_sampler(info: dict, steps: int | None = None, guidance: float | None
     return Sampler(int(values["steps"]), float(values["guidance"]), float(values["image_guidance"]), source)
 
 
+def is_cross_attention_kv(path: str) -> bool:
+    """Whether a module path names an attn2 `to_k`/`to_v` Linear: the layers K/V adapters change."""
+    return path.endswith(("attn2.to_k", "attn2.to_v"))
+
+
 def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
     """Module path -> Linear for every attn2 `to_k`/`to_v`, sorted by path.
 
@@ -118,7 +123,7 @@ def cross_attention_kv_layers(unet) -> dict[str, torch.nn.Linear]:
     unet = unwrap_compiled(unet)
     layers = {}
     for name, module in unet.named_modules():
-        if name.endswith(("attn2.to_k", "attn2.to_v")):
+        if is_cross_attention_kv(name):
             layers[name] = unwrap_peft(module)
     if not layers:
         raise AdapterkitError("the base UNet has no cross-attention (attn2) layers; is it a Stable Diffusion UNet?")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import cross_attention_kv_layers, unwrap_compiled, unwrap_peft
+from ..base import cross_attention_kv_layers, is_cross_attention_kv, unwrap_compiled, unwrap_peft
 from ..errors import AdapterkitError
 from .lora_io import FILE_NAME, LEGACY_FILE_NAME, load_into_pipeline, modules, read, to_diffusers_state_dict, write  # noqa: F401
 
@@ -353,7 +353,7 @@ def batch_kv(tensors: dict[str, torch.Tensor], config: dict) -> dict:
     """The adapter's K/V for a mixed batch (adapters/batched.py): (A, B, alpha/r) per attn2 to_k/to_v module.
 
     Only attn2 K/V can differ per image of one UNet batch; a LoRA on other modules (--targets attn) is refused."""
-    others = [m for m in modules(tensors) if not m.endswith(("attn2.to_k", "attn2.to_v"))]
+    others = [m for m in modules(tensors) if not is_cross_attention_kv(m)]
     if others:
         raise AdapterkitError(
             f"a LoRA on modules other than attn2 to_k/to_v ({others[0]}, {len(others)} in all) cannot share a batch "

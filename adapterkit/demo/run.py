@@ -228,7 +228,7 @@ def format_summary(summary: dict) -> str:
              f"{'linear':>7} {'ret.lin':>8}"]
     for task, row in summary["tasks"].items():
         lines.append(
-            f"{task:<11} {row.get('adapter', row['method']):<27} {row['psnr_base']:6.2f} {row['psnr_adapter']:8.2f} "
+            f"{task:<11} {row['adapter']:<27} {row['psnr_base']:6.2f} {row['psnr_adapter']:8.2f} "
             f"{row['gain_db']:+6.2f} {row['psnr_lsq']:6.2f} {_pct(row['retention_lsq']):>8} {row['psnr_linear']:7.2f} "
             f"{_pct(row['retention_linear']):>8}"
         )
@@ -256,8 +256,9 @@ def adapter_label(adapter) -> str:
     name = _METHOD_LABELS.get(adapter.method, adapter.method)
     rank = adapter.rank  # None for full-weight methods (Custom Diffusion)
     if rank is not None:
-        kv_only = all(path.endswith(("attn2.to_k", "attn2.to_v")) for path in adapter.targets)
-        name += f" r{rank}" + (" on K/V" if kv_only else "")
+        from ..base import is_cross_attention_kv
+
+        name += f" r{rank}" + (" on K/V" if all(is_cross_attention_kv(path) for path in adapter.targets) else "")
     steps = adapter.training.get("steps_done")
     return f"{name}, {steps} steps" if steps else name
 
