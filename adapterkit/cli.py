@@ -214,6 +214,9 @@ def import_command(folder, **options):
               help="File of 'task: phrasing' lines never stored; the report scores each task's retention on them.")
 @click.option("--other-modules", default="linear", show_default=True, type=click.Choice(merge_methods.OTHER_MODULE_METHODS),
               help="lsq: how LoRA modules outside attn2 K/V are merged (least squares does not apply to them).")
+@click.option("--prior", default="base", show_default=True, type=click.Choice(merge_methods.PRIORS),
+              help="lsq: what K/V stay near where the instructions' rows say nothing: the base's (the paper), or the "
+                   "sources' average (keeps more of each task, changes the base's other edits as much as --method linear).")
 @click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows) instead of full K/V.")
 @click.option("--task", default=None, help="Task name of the merged adapter (default: the sources' names joined by '+').")
 @click.option("--fuse", is_flag=True, help="Also write a full diffusers pipeline with the merge baked in (needs --output-pipeline).")

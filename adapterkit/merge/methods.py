@@ -21,6 +21,9 @@ POSITIONS = ("eos", "all")  # lsq target tokens: 1..first EOS, or all 77 (featur
 REG_POSITIONS = ("all", "eos")  # lsq regularization tokens: all 77 (default), or 1..first EOS as the reference code
 SHARED_ROWS = ("mean", "first")  # lsq rows of several tasks: mean target (order free), or the first task's (reference)
 OTHER_MODULE_METHODS = ("linear", "sum")  # lsq: how LoRA modules outside attn2 K/V are merged
+# lsq: the K/V the merge keeps where the constraints say nothing: the base's (the paper), or the sources' average
+# (what --method linear gives), corrected so every constraint still holds (lsq.py).
+PRIORS = ("base", "average")
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,9 @@ class MergeMethod:
 
 METHODS = {m.name: m for m in (
     MergeMethod("lsq", "lsq", "constrained least squares on K/V: each task's instructions give its targets exactly",
-                ("ridge", "positions", "reg_positions", "shared_rows", "other_modules"), exact=True),
+                ("ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior"), exact=True),
     MergeMethod("lsq-soft", "lsq", "least squares with the targets weighted by target_weight instead of exact",
-                ("target_weight", "ridge", "positions", "reg_positions", "shared_rows", "other_modules")),
+                ("target_weight", "ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior")),
     MergeMethod("sum", "baseline", "task arithmetic: sum of weighted deltas", ("weights",)),
     MergeMethod("linear", "baseline", "weighted average of deltas", ("weights",), normalised=True),
     MergeMethod("ties", "baseline", "TIES: trim to density, elect signs, disjoint mean", ("weights", "density")),
@@ -61,6 +64,7 @@ class MergeOptions:
     reg_positions: str = "all"  # lsq: regularization token positions (REG_POSITIONS)
     shared_rows: str = "mean"  # lsq: target of a row several tasks share (SHARED_ROWS)
     other_modules: str = "linear"  # lsq: merge rule for LoRA modules outside attn2 K/V (OTHER_MODULE_METHODS)
+    prior: str = "base"  # lsq: what the solution stays near off the constraints (PRIORS)
     as_lora: bool = False  # write a LoRA instead of full K/V
 
 
@@ -83,6 +87,11 @@ def check_options(name: str, options: MergeOptions, count: int | None = None) ->
         raise AdapterkitError(f"--ridge must be >= 0, got {options.ridge}")
     if options.other_modules not in OTHER_MODULE_METHODS:
         raise AdapterkitError(f"--other-modules must be one of {', '.join(OTHER_MODULE_METHODS)}, got '{options.other_modules}'")
+    if options.prior not in PRIORS:
+        raise AdapterkitError(f"unknown --prior '{options.prior}'; use one of {', '.join(PRIORS)}")
+    if options.prior != "base" and "prior" not in method.reads:
+        raise AdapterkitError(f"--prior applies to least squares (lsq, lsq-soft), not to --method {name}; "
+                              "--method linear is already the sources' average")
     if "rank" in method.reads and (options.rank is None or options.rank < 1):
         raise AdapterkitError(f"--method {name} needs --rank R (R >= 1): the rank the exact sum is truncated to")
     if "density" in method.reads and not 0.0 < options.density <= 1.0:

@@ -99,7 +99,9 @@ def _fmt(value, spec: str = ".2e") -> str:
 
 def format_table(report: dict) -> str:
     """A short text table: one line per task, then the totals and the measured diagnostics."""
-    lines = [f"merge method {report['method']}" + (f" (positions {report['positions']})" if report.get("positions") else "")]
+    lines = [f"merge method {report['method']}" + (f" (positions {report['positions']})" if report.get("positions") else "")
+             + (f", staying near the sources' average off the constraints (--prior {report['prior']})"
+                if report.get("prior", "base") != "base" else "")]
     lines.append(f"{'task':<20} {'source':<24} {'rows':>5} {'shared':>6} {'residual':>9} {'prompt':>7} {'linear':>7} "
                  f"{'probe ret.':>10} {'src drift':>9}")
     for t in report["tasks"]:

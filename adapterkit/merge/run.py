@@ -3,7 +3,7 @@
 Every input, Custom Diffusion or LoRA, becomes full weights W_i = W0 + dW_i on each attn2 K/V layer (a LoRA gives
 dW = scale * B A). Methods:
 - "lsq" / "lsq-soft": constrained least squares on K/V (lsq.py) with the tasks' instructions as targets and
-  regularization prompts keeping the base elsewhere (features.py). LoRA modules outside attn2 K/V (trained with
+  regularization prompts keeping the base elsewhere (features.py), or with prior="average" the sources' average. LoRA modules outside attn2 K/V (trained with
   `--targets attn`) are not text-fed, so least squares does not apply: they are merged with `other_modules`
   ("linear" by default, or "sum") and the report says so.
 - "sum", "linear", "ties", "dare", "svd": exact baselines on full deltas of every module (baselines.py).
@@ -76,6 +76,7 @@ def merge(
     shared_rows: str = "mean",
     probe_instructions: str | dict | None = None,
     other_modules: str = "linear",
+    prior: str = "base",
     as_lora: bool = False,
     task: str | None = None,
     output_pipeline: str | None = None,
@@ -90,7 +91,7 @@ def merge(
     start = time.perf_counter()
     options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight, ridge=ridge,
                            positions=positions, reg_positions=reg_positions, shared_rows=shared_rows,
-                           other_modules=other_modules, as_lora=as_lora)
+                           other_modules=other_modules, prior=prior, as_lora=as_lora)
     spec = check_options(method, options, count=len(adapters) or None)  # every option checked before any work
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
@@ -218,8 +219,12 @@ def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptio
 def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, gram):
     """(K/V deltas, K/V factors or None, other modules' deltas, solve info) of the merge `spec` with `options`."""
     if spec.family == "lsq":
-        kv_factors, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options.ridge, options.target_weight)
-        kv_deltas = {name: b @ a for name, (b, a) in kv_factors.items()}
+        kv_factors, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options.ridge, options.target_weight,
+                                            options.prior)
+        if options.prior != "base":  # dense updates (lsq.solve_layer_near); --as-lora factors them by SVD
+            kv_deltas, kv_factors = kv_factors, None
+        else:
+            kv_deltas = {name: b @ a for name, (b, a) in kv_factors.items()}
         other = baselines.combine(options.other_modules, inputs.other) if any(inputs.other) else {}
         return kv_deltas, kv_factors, other, solve_info
     all_deltas = [{**kv, **other} for kv, other in zip(inputs.kv, inputs.other)]
@@ -229,8 +234,9 @@ def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, g
     return kv_deltas, None, other, {}
 
 
-def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, target_weight):
-    """Shared factors once, then per layer B = R L and A: {layer: (B (d_out, m), A (m, d_text))}."""
+def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, target_weight, prior: str = "base"):
+    """Shared factors once, then per layer B = R L and A: {layer: (B (d_out, m), A (m, d_text))}; with prior
+    "average", {layer: dense update} near the sources' mean K/V delta (lsq.py)."""
     missing = [t.task for t in inputs.tasks if t.rows.shape[0] == 0]
     if missing:
         raise AdapterkitError(
@@ -249,9 +255,14 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
         left, right = lsq.soft_projection(gram, targets.rows, targets.weights, target_weight, ridge)
         info["target_weight"] = target_weight
         info["condition_number"] = None
+    info["prior"] = prior
     factors = {}
     for name, w0 in inputs.base_weights.items():
-        factors[name] = lsq.solve_layer(inputs.tasks, targets, left, right, name, w0.shape[0])
+        if prior == "average":  # each input adapter counts once (a merged input too), as in --method linear
+            mean = sum((kv[name] for kv in inputs.kv if name in kv), torch.zeros_like(w0)) / len(inputs.kv)
+            factors[name] = lsq.solve_layer_near(mean, inputs.tasks, targets, left, right, name, w0.shape[0])
+        else:
+            factors[name] = lsq.solve_layer(inputs.tasks, targets, left, right, name, w0.shape[0])
     return factors, info
 
 
