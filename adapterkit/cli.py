@@ -339,13 +339,17 @@ def train_command(config_file, **flags):
                    "the current folder; the checkout's .gitignore ignores the default).")
 @click.option("--base", default="builtin:tiny", show_default=True, help="Base to run on (the bundled tiny base by default).")
 @click.option("--train-steps", default=None, type=click.IntRange(1), help="Optimizer steps per adapter (default: what the base recommends to `adapterkit train`; builtin:tiny: 150).")
+@click.option("--merge-prior", default="base", show_default=True, type=click.Choice(merge_methods.PRIORS),
+              help="What the lsq merge keeps off its constraints: the base's K/V (the paper, `adapterkit merge`'s "
+                   "default) or the two adapters' average (`merge --prior average`: keeps more of each task, changes "
+                   "the base's other edits as averaging does).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_command(output, base, train_steps, quiet):
+def demo_command(output, base, train_steps, merge_prior, quiet):
     """Train derain + cartoonize adapters on the bundled base, merge them, evaluate, hot-swap and route: ~minutes on CPU."""
     from .demo.run import DemoSettings, format_summary, run_demo
 
     defaults = DemoSettings()
-    settings = DemoSettings(base=base, train_steps=train_steps or defaults.train_steps)
+    settings = DemoSettings(base=base, train_steps=train_steps or defaults.train_steps, merge_prior=merge_prior)
     click.echo(f"demo: writing to {os.path.abspath(output)}")
     click.echo(format_summary(run_demo(output, settings, quiet=quiet)))
 

@@ -7,8 +7,9 @@ For each of derain, cartoonize, denoise and lowlight: train the task's adapter w
 (`adapterkit.demo.run.TASK_METHODS`) and the base's recommended settings, as `adapterkit train` does with no other
 option, on 256 procedural training rows; on held-out rows (crops of photographs
 training never sees) score the base, the adapter, the least-squares merge at adapterkit's defaults
-(`merge(..., method="lsq")`: exact constraints at positions 1..EOS of every stored phrasing) and the plain
-average (linear), for the demo's two tasks and for all four. Columns: PSNR and SSIM to the target, the task's own
+(`merge(..., method="lsq")`: exact constraints at positions 1..EOS of every stored phrasing), the same near the
+sources' average (`prior="average"`, lsq-avg) and the plain average (linear), for the demo's two tasks and for all
+four; and what each merge does to four of the base's general edits. Columns: PSNR and SSIM to the target, the task's own
 measure (derain: PSNR on the rain pixels; cartoonize: outline F1), retention = (merge - base) / (adapter - base).
 Rows are scored twice: with stored phrasings, and with phrasings never stored in any adapter ("unseen").
 Routing: >= 40 probe instructions (unseen phrasings of the four tasks, general edits, unrelated text) through an
@@ -58,6 +59,12 @@ def _score_rows(bank, task_key, examples, task, cfg, masks) -> dict:
     return row
 
 
+# Column label -> (merge method, options): the default (the paper's exact lsq), lsq near the sources' average
+# (--prior average), and the plain average.
+MERGES = {"lsq": ("lsq", {}), "lsq-avg": ("lsq", {"prior": "average"}), "linear": ("linear", {})}
+GENERAL_PROBES = ("brighter", "invert", "sepia", "blur")  # what each merge does to the base's own edits
+
+
 def _retention(merged: float, adapter: float, base: float) -> float | None:
     gain = adapter - base
     return None if abs(gain) < 0.3 else (merged - base) / gain  # a ratio over a gain within the rows' noise means nothing
@@ -82,10 +89,10 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
     groups = {"two": tasks_[:2], "all": tasks_} if len(tasks_) > 2 else {"two": tasks_}
     merged, refused = {}, {}
     for group, names in groups.items():
-        for method in ("lsq", "linear"):
-            key = f"{method}-{group}"
+        for label, (method, options) in MERGES.items():
+            key = f"{label}-{group}"
             try:
-                result = merge([adapters[t] for t in names], base, method=method, task=key, quiet=True)
+                result = merge([adapters[t] for t in names], base, method=method, task=key, quiet=True, **options)
             except AdapterkitError as e:  # exact lsq refuses when rows exceed the text width (builtin:tiny v1: 32)
                 refused[key] = str(e)
                 continue
@@ -105,6 +112,11 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
                 if c not in ("base", "adapter"):
                     scores[c]["retention"] = _retention(scores[c]["psnr"], scores["adapter"]["psnr"], scores["base"]["psnr"])
             table[f"{task}/{phrasing}"] = scores
+    general = {}  # the merges' cost: PSNR change of general edits (8 held-out rows each) with the merge active
+    for edit in GENERAL_PROBES:
+        examples = tasks.make_examples(edit, 8, resolution=base.resolution, split="eval")
+        alone = _score_rows(bank, None, examples, edit, cfg, None)["psnr"]
+        general[edit] = {"base": alone, **{k: _score_rows(bank, k, examples, edit, cfg, None)["psnr"] - alone for k in merged}}
     bank.close()
     routing_bank = AdapterBank(base)  # routing targets: the task adapters only (a merge stores every task's phrasings)
     for adapter in adapters.values():
@@ -112,7 +124,7 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
     routing = _routing(routing_bank, tasks_)
     routing_bank.close()
     return {"bench": "tiny_tasks", "machine": machine(), "base": base_name, "rows_per_task": rows, "sampler": cfg,
-            "seconds": timings, "scores": table, "merges_refused": refused, "routing": routing}
+            "seconds": timings, "scores": table, "general_edits": general, "merges_refused": refused, "routing": routing}
 
 
 def _routing(bank, tasks_: list[str]) -> dict:
@@ -149,6 +161,9 @@ def main(argv=None) -> int:
                           "rain_psnr": s.get("rain_psnr"), "outline_f1": s.get("outline_f1"),
                           "retention": s.get("retention")})
     emit(result, table, ["task/phrasing", "column", "psnr", "ssim", "rain_psnr", "outline_f1", "retention"])
+    print("\ngeneral edits with each merge active, PSNR change (dB) from the base's own edit (8 held-out rows each):")
+    for edit, row in result["general_edits"].items():
+        print(f"  {edit:<10} base {row['base']:.2f}  " + "  ".join(f"{k} {v:+.2f}" for k, v in row.items() if k != "base"))
     for key, reason in result["merges_refused"].items():
         print(f"\nmerge {key} refused: {reason}")
     r = result["routing"]

@@ -93,12 +93,37 @@ def test_the_printout_says_what_the_readme_says_issue_19():
     assert "encodes its 256 rows once (the 'cache latents' bar" in table and "cache latents" in readme
 
 
+def test_demo_merge_prior_reaches_the_lsq_merge_and_the_printout(monkeypatch, tmp_path):
+    """`adapterkit demo --merge-prior average`: the lsq merge (not the linear one) gets prior="average", and the
+    printout says which merge it shows."""
+    import adapterkit.merge as merge_module
+    from adapterkit.demo.run import _merge_adapters
+
+    calls = []
+
+    class Result:
+        adapter, report = object(), {}
+
+    def fake_merge(sources, base, **options):
+        calls.append(options)
+        return Result()
+
+    monkeypatch.setattr(merge_module, "merge", fake_merge)
+    _merge_adapters(str(tmp_path), None, {"derain": object()}, DemoSettings(merge_prior="average"), quiet=True)
+    assert [c.get("prior") for c in calls] == ["average", None] and calls[1]["method"] == "linear"
+    summary = _summary(merge_prior="average")
+    summary["merge"]["lsq"]["prior"] = "average"
+    table = format_summary(summary)
+    assert "token positions, near the sources' average off the constraints)" in table
+    assert "merge: lsq = exact least squares near the sources' average over 56 constraint rows" in table
+
+
 def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_issue_19():
     from adapterkit.cli import main
 
     demo = main.commands["demo"]
     options = [p.opts[0] for p in demo.params if p.opts[0].startswith("--")]
-    assert options == ["--output", "--base", "--train-steps", "--quiet"]
+    assert options == ["--output", "--base", "--train-steps", "--merge-prior", "--quiet"]
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     synopsis = next(line for line in readme.splitlines() if line.startswith("`adapterkit demo ["))
     assert all(option in synopsis for option in options), synopsis

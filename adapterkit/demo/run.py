@@ -45,6 +45,7 @@ class DemoSettings:
     # the demo used the soft form over all 77 positions instead (issue 18, point 4).
     merge_method: str = "lsq"
     merge_positions: str = "eos"
+    merge_prior: str = "base"  # "average": the lsq merge stays near the sources' average off the constraints
     seed: int = 0
 
 
@@ -126,8 +127,9 @@ def _merge_adapters(output: str, base, trained: dict, settings: DemoSettings, qu
     sources = list(trained.values())
     merges, reports = {}, {}
     for name, method in (("lsq", settings.merge_method), ("linear", "linear")):
+        prior = {"prior": settings.merge_prior} if name == "lsq" else {}
         result = merge(sources, base, method=method, positions=settings.merge_positions,
-                       output=os.path.join(output, "merges", f"merged-{name}"), task=f"merged-{name}", quiet=quiet)
+                       output=os.path.join(output, "merges", f"merged-{name}"), task=f"merged-{name}", quiet=quiet, **prior)
         merges[name], reports[name] = result.adapter, result.report
     return merges, reports
 
@@ -239,7 +241,9 @@ def format_summary(summary: dict) -> str:
     swaps = ", ".join(f"{t} {ms:.2f} ms" for t, ms in bank["swap_ms"].items())
     lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base); "
               f"lsq = least-squares merge ({settings['merge_method']}, {settings['merge_positions']} "
-              "token positions), linear = plain average.",
+              "token positions" + (", near the sources' average off the constraints"
+                                   if settings.get("merge_prior", "base") != "base" else "")
+              + "), linear = plain average.",
               (f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
                "VAE latents and text features, --cache-latents), then takes its optimizer steps on the cache."),
               "merge: " + "; ".join(_merge_line(name, report) for name, report in summary.get("merge", {}).items()),
@@ -274,6 +278,8 @@ def _merge_line(name: str, report: dict) -> str:
     """'lsq = exact least squares over 56 constraint rows, drift 0.048, 0.12 s' from a merge report."""
     rows = f" over {report['constraint_rows']} constraint rows" if report.get("constraint_rows") else ""
     method = _MERGE_LABELS.get(report["method"], report["method"])
+    if report.get("prior", "base") != "base":
+        method += " near the sources' average"
     return f"{name} = {method}{rows}, drift on regularization prompts {report['drift']:.3f}, {report['time_s']['total']:.2f} s"
 
 
