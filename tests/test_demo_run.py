@@ -119,6 +119,7 @@ def test_demo_merge_prior_reaches_the_lsq_merge_and_the_printout(monkeypatch, tm
     table = format_summary(summary)
     assert "token positions, near the sources' average off the constraints)" in table
     assert "merge: lsq = exact least squares near the sources' average over 56 constraint rows" in table
+    assert "--merge-prior average keeps more" not in table and "--merge-prior average keeps more" in format_summary(_summary())
 
 
 def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_issue_19():

@@ -246,7 +246,9 @@ def format_summary(summary: dict) -> str:
               + "), linear = plain average.",
               (f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
                "VAE latents and text features, --cache-latents), then takes its optimizer steps on the cache."),
-              "merge: " + "; ".join(_merge_line(name, report) for name, report in summary.get("merge", {}).items()),
+              "merge: " + "; ".join(_merge_line(name, report) for name, report in summary.get("merge", {}).items())
+              + (" (--merge-prior average keeps more of each task, at averaging's cost to other edits: README, merge)"
+                 if settings.get("merge_prior", "base") == "base" else ""),
               f"hot-swap (median of 20): {swaps}; one edit: {bank['edit_ms']:.0f} ms",
               "routing: " + "; ".join(f"'{r['instruction']}' -> {r['task'] or 'base'} ({r['cosine']:.2f})" for r in bank["routing"]),
               "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())
