@@ -10,7 +10,8 @@ training never sees) score the base, the adapter, the least-squares merge at ada
 (`merge(..., method="lsq")`: exact constraints at positions 1..EOS of every stored phrasing), the same near the
 sources' average (`prior="average"`, lsq-avg) and the plain average (linear), for the demo's two tasks and for all
 four; and what each merge does to four of the base's general edits. Columns: PSNR and SSIM to the target, the task's own
-measure (derain: PSNR on the rain pixels; cartoonize: outline F1), retention = (merge - base) / (adapter - base).
+measure (derain: PSNR on the rain pixels; cartoonize: outline F1), retention = (merge - base) / (adapter - base)
+with its 95% interval over the rows (paired bootstrap: 16 rows leave it wide).
 Rows are scored twice: with stored phrasings, and with phrasings never stored in any adapter ("unseen").
 Routing: >= 40 probe instructions (unseen phrasings of the four tasks, general edits, unrelated text) through an
 AdapterBank holding the four adapters; a probe is right when it reaches its task, or the base for the others.
@@ -50,7 +51,8 @@ def _score_rows(bank, task_key, examples, task, cfg, masks) -> dict:
                             image_guidance_scale=cfg["image_guidance"], output_type="np",
                             generator=torch.Generator("cpu").manual_seed(start)).images
         outputs += [np.round(np.clip(o, 0, 1) * 255).astype(np.uint8) for o in out]
-    row = {"psnr": float(np.mean([psnr(o, e.target) for o, e in zip(outputs, examples)])),
+    per_row = [psnr(o, e.target) for o, e in zip(outputs, examples)]
+    row = {"psnr": float(np.mean(per_row)), "psnr_rows": [float(v) for v in per_row],
            "ssim": float(np.mean([ssim(o, e.target) for o, e in zip(outputs, examples)]))}
     if task == "derain":
         row["rain_psnr"] = float(np.mean([measures.masked_psnr(o, e.target, m) for o, e, m in zip(outputs, examples, masks)]))
@@ -68,6 +70,18 @@ GENERAL_PROBES = ("brighter", "invert", "sepia", "blur")  # what each merge does
 def _retention(merged: float, adapter: float, base: float) -> float | None:
     gain = adapter - base
     return None if abs(gain) < 0.3 else (merged - base) / gain  # a ratio over a gain within the rows' noise means nothing
+
+
+def _retention_interval(merged: list, adapter: list, base: list, draws: int = 2000) -> list | None:
+    """95% interval of the retention over the rows: the same rows resampled for all three columns (paired bootstrap,
+    seeded), percentiles of the ratio; None when the gain itself is within the noise (as `_retention`)."""
+    m, a, b = (np.asarray(x, dtype=np.float64) for x in (merged, adapter, base))
+    index = np.random.default_rng(0).integers(0, len(b), size=(draws, len(b)))
+    gain = a[index].mean(1) - b[index].mean(1)
+    if abs(a.mean() - b.mean()) < 0.3 or (gain <= 0).any():
+        return None
+    ratio = (m[index].mean(1) - b[index].mean(1)) / gain
+    return [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))]
 
 
 def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str, work: str, quiet: bool) -> dict:
@@ -111,6 +125,8 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
             for c in list(scores):
                 if c not in ("base", "adapter"):
                     scores[c]["retention"] = _retention(scores[c]["psnr"], scores["adapter"]["psnr"], scores["base"]["psnr"])
+                    scores[c]["retention_95"] = _retention_interval(scores[c]["psnr_rows"], scores["adapter"]["psnr_rows"],
+                                                                    scores["base"]["psnr_rows"])
             table[f"{task}/{phrasing}"] = scores
     general = {}  # the merges' cost: PSNR change of general edits (8 held-out rows each) with the merge active
     for edit in GENERAL_PROBES:
@@ -159,8 +175,10 @@ def main(argv=None) -> int:
         for column, s in scores.items():
             table.append({"task/phrasing": key, "column": column, "psnr": s["psnr"], "ssim": s["ssim"],
                           "rain_psnr": s.get("rain_psnr"), "outline_f1": s.get("outline_f1"),
-                          "retention": s.get("retention")})
-    emit(result, table, ["task/phrasing", "column", "psnr", "ssim", "rain_psnr", "outline_f1", "retention"])
+                          "retention": s.get("retention"),
+                          "retention_95": "" if not s.get("retention_95") else
+                          "{:.0%}..{:.0%}".format(*s["retention_95"])})
+    emit(result, table, ["task/phrasing", "column", "psnr", "ssim", "rain_psnr", "outline_f1", "retention", "retention_95"])
     print("\ngeneral edits with each merge active, PSNR change (dB) from the base's own edit (8 held-out rows each):")
     for edit, row in result["general_edits"].items():
         print(f"  {edit:<10} base {row['base']:.2f}  " + "  ".join(f"{k} {v:+.2f}" for k, v in row.items() if k != "base"))
