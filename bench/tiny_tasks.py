@@ -67,9 +67,12 @@ MERGES = {"lsq": ("lsq", {}), "lsq-avg": ("lsq", {"prior": "average"}), "linear"
 GENERAL_PROBES = ("brighter", "invert", "sepia", "blur")  # what each merge does to the base's own edits
 
 
+NOISE_DB = 0.3  # an adapter gain below this is within the rows' noise: a ratio over it means nothing
+
+
 def _retention(merged: float, adapter: float, base: float) -> float | None:
     gain = adapter - base
-    return None if abs(gain) < 0.3 else (merged - base) / gain  # a ratio over a gain within the rows' noise means nothing
+    return None if abs(gain) < NOISE_DB else (merged - base) / gain
 
 
 def _retention_interval(merged: list, adapter: list, base: list, draws: int = 2000) -> list | None:
@@ -78,7 +81,7 @@ def _retention_interval(merged: list, adapter: list, base: list, draws: int = 20
     m, a, b = (np.asarray(x, dtype=np.float64) for x in (merged, adapter, base))
     index = np.random.default_rng(0).integers(0, len(b), size=(draws, len(b)))
     gain = a[index].mean(1) - b[index].mean(1)
-    if abs(a.mean() - b.mean()) < 0.3 or (gain <= 0).any():
+    if abs(a.mean() - b.mean()) < NOISE_DB or (gain <= 0).any():
         return None
     ratio = (m[index].mean(1) - b[index].mean(1)) / gain
     return [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))]

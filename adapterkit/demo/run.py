@@ -239,16 +239,16 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{task} {label}: " + ", ".join(f"{c} {v:.2f}" for c, v in m["columns"].items()))
     bank = summary["bank"]
     swaps = ", ".join(f"{t} {ms:.2f} ms" for t, ms in bank["swap_ms"].items())
+    near_average = settings.get("merge_prior", "base") != "base"  # a demo.json written before the option: the paper's
     lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base); "
               f"lsq = least-squares merge ({settings['merge_method']}, {settings['merge_positions']} "
-              "token positions" + (", near the sources' average off the constraints"
-                                   if settings.get("merge_prior", "base") != "base" else "")
+              "token positions" + (", near the sources' average off the constraints" if near_average else "")
               + "), linear = plain average.",
               (f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
                "VAE latents and text features, --cache-latents), then takes its optimizer steps on the cache."),
               "merge: " + "; ".join(_merge_line(name, report) for name, report in summary.get("merge", {}).items())
-              + (" (--merge-prior average keeps more of each task, at averaging's cost to other edits: README, merge)"
-                 if settings.get("merge_prior", "base") == "base" else ""),
+              + ("" if near_average else
+                 " (--merge-prior average keeps more of each task, at averaging's cost to other edits: README, merge)"),
               f"hot-swap (median of 20): {swaps}; one edit: {bank['edit_ms']:.0f} ms",
               "routing: " + "; ".join(f"'{r['instruction']}' -> {r['task'] or 'base'} ({r['cosine']:.2f})" for r in bank["routing"]),
               "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())

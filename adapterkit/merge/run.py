@@ -3,8 +3,8 @@
 Every input, Custom Diffusion or LoRA, becomes full weights W_i = W0 + dW_i on each attn2 K/V layer (a LoRA gives
 dW = scale * B A). Methods:
 - "lsq" / "lsq-soft": constrained least squares on K/V (lsq.py) with the tasks' instructions as targets and
-  regularization prompts keeping the base elsewhere (features.py), or with prior="average" the sources' average. LoRA modules outside attn2 K/V (trained with
-  `--targets attn`) are not text-fed, so least squares does not apply: they are merged with `other_modules`
+  regularization prompts keeping the base elsewhere (features.py), or with prior="average" the sources' average.
+  LoRA modules outside attn2 K/V (trained with `--targets attn`) are not text-fed, so least squares does not apply: they are merged with `other_modules`
   ("linear" by default, or "sum") and the report says so.
 - "sum", "linear", "ties", "dare", "svd": exact baselines on full deltas of every module (baselines.py).
 
@@ -219,12 +219,12 @@ def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptio
 def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, gram):
     """(K/V deltas, K/V factors or None, other modules' deltas, solve info) of the merge `spec` with `options`."""
     if spec.family == "lsq":
-        kv_factors, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options.ridge, options.target_weight,
-                                            options.prior)
-        if options.prior != "base":  # dense updates (lsq.solve_layer_near); --as-lora factors them by SVD
-            kv_deltas, kv_factors = kv_factors, None
-        else:
-            kv_deltas = {name: b @ a for name, (b, a) in kv_factors.items()}
+        updates, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options.ridge, options.target_weight,
+                                         options.prior)
+        if options.prior == "base":  # rank-m factors (B, A), which --as-lora writes exactly
+            kv_factors, kv_deltas = updates, {name: b @ a for name, (b, a) in updates.items()}
+        else:  # dense updates (lsq.solve_layer_near); --as-lora factors them by SVD
+            kv_factors, kv_deltas = None, updates
         other = baselines.combine(options.other_modules, inputs.other) if any(inputs.other) else {}
         return kv_deltas, kv_factors, other, solve_info
     all_deltas = [{**kv, **other} for kv, other in zip(inputs.kv, inputs.other)]
@@ -236,7 +236,7 @@ def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, g
 
 def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, target_weight, prior: str = "base"):
     """Shared factors once, then per layer B = R L and A: {layer: (B (d_out, m), A (m, d_text))}; with prior
-    "average", {layer: dense update} near the sources' mean K/V delta (lsq.py)."""
+    "average", {layer: dense update (d_out, d_text)} near the inputs' average K/V delta (lsq.py)."""
     missing = [t.task for t in inputs.tasks if t.rows.shape[0] == 0]
     if missing:
         raise AdapterkitError(
@@ -256,14 +256,16 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
         info["target_weight"] = target_weight
         info["condition_number"] = None
     info["prior"] = prior
-    factors = {}
+    # The prior update: --method linear's own average of the inputs' K/V deltas (a merged input counts once).
+    average = baselines.combine("linear", inputs.kv) if prior == "average" else None
+    updates = {}
     for name, w0 in inputs.base_weights.items():
-        if prior == "average":  # each input adapter counts once (a merged input too), as in --method linear
-            mean = sum((kv[name] for kv in inputs.kv if name in kv), torch.zeros_like(w0)) / len(inputs.kv)
-            factors[name] = lsq.solve_layer_near(mean, inputs.tasks, targets, left, right, name, w0.shape[0])
+        if average is not None:
+            near = average.get(name, torch.zeros_like(w0))  # a layer no input changes: the base's
+            updates[name] = lsq.solve_layer_near(near, inputs.tasks, targets, left, right, name, w0.shape[0])
         else:
-            factors[name] = lsq.solve_layer(inputs.tasks, targets, left, right, name, w0.shape[0])
-    return factors, info
+            updates[name] = lsq.solve_layer(inputs.tasks, targets, left, right, name, w0.shape[0])
+    return updates, info
 
 
 def _build_report(spec, inputs: _Inputs, targets: lsq.Targets, written, solved, gram, solve_info) -> dict:
