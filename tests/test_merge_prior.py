@@ -105,5 +105,5 @@ def test_cli_prior_average_is_recorded_and_exports_as_lora(tiny_base_dir, tiny_b
     assert all(t["residual"] <= 1e-4 for t in meta["merge"]["report"]["tasks"])
     refused = CliRunner().invoke(main, ["merge", *folders, "--base", tiny_base_dir, "--method", "sum", "--prior",
                                         "average", "--output", str(tmp_path / "x"), "--quiet"])
-    assert refused.exit_code != 0 and "--prior applies to least squares" in refused.output
+    assert refused.exit_code == 2 and "--prior applies to least squares" in refused.output
     assert not os.path.exists(tmp_path / "x")
