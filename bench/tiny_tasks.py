@@ -11,7 +11,9 @@ training never sees) score the base, the adapter, the least-squares merge at ada
 sources' average (`prior="average"`, lsq-avg) and the plain average (linear), for the demo's two tasks and for all
 four; and what each merge does to four of the base's general edits. Columns: PSNR and SSIM to the target, the task's own
 measure (derain: PSNR on the rain pixels; cartoonize: outline F1), retention = (merge - base) / (adapter - base)
-with its 95% interval over the rows (paired bootstrap: 16 rows leave it wide).
+with its 95% interval over the rows (paired bootstrap: 16 rows leave it wide). One more column, text-only: the
+adapter on the instruction's guidance branch only, the two empty-prompt branches at the base's K/V: what a merge
+that keeps the empty prompt at the base (as the paper's does) can keep at most.
 Rows are scored twice: with stored phrasings, and with phrasings never stored in any adapter ("unseen").
 Routing: >= 40 probe instructions (unseen phrasings of the four tasks, general edits, unrelated text) through an
 AdapterBank holding the four adapters; a probe is right when it reaches its task, or the base for the others.
@@ -21,6 +23,7 @@ Prints JSON, then tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -34,8 +37,39 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def _score_rows(bank, task_key, examples, task, cfg, masks) -> dict:
-    """Edit `examples` with `task_key` active (None: the base) in batches; mean PSNR, SSIM and the task measure."""
+def _base_kv(unet) -> dict:
+    """name -> a copy of the base's attn2 to_k / to_v weight (d_out, d_text), taken before any adapter is active."""
+    return {name: module.weight.detach().clone() for name, module in unet.named_modules()
+            if name.endswith(("attn2.to_k", "attn2.to_v"))}
+
+
+@contextlib.contextmanager
+def _text_branch_only(unet, base_kv: dict):
+    """While active, the two empty-prompt guidance branches get the base's K/V, the instruction's branch the active
+    adapter's. IP2P's pipeline stacks its text features as [instruction x B, "" x B, "" x B] (image+text, image only,
+    neither), so rows B.. of every attn2 K/V input are the empty prompt's. An adapter scored this way keeps what a
+    merge can keep at most when it reproduces the adapter on the instruction's rows and leaves the empty prompt at
+    the base, as the paper's merge does (the empty prompt is a regularization prompt)."""
+    def hook(name):
+        def replace(_module, args, out):
+            rows = args[0].shape[0] // 3
+            out = out.clone()
+            out[rows:] = torch.nn.functional.linear(args[0][rows:], base_kv[name])  # attn2 K/V carry no bias in SD
+            return out
+        return replace
+
+    # Registered after activation: a LoRA swap puts peft's layers in place of the plain Linear modules.
+    handles = [module.register_forward_hook(hook(name)) for name, module in unet.named_modules() if name in base_kv]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _score_rows(bank, task_key, examples, task, cfg, masks, base_kv=None) -> dict:
+    """Edit `examples` with `task_key` active (None: the base) in batches; mean PSNR, SSIM and the task measure.
+    With `base_kv`, the adapter acts on the instruction's guidance branch only (_text_branch_only)."""
     from PIL import Image
 
     from adapterkit.demo import measures
@@ -45,7 +79,8 @@ def _score_rows(bank, task_key, examples, task, cfg, masks) -> dict:
     outputs = []
     for start in range(0, len(examples), 8):
         batch = examples[start : start + 8]
-        with torch.no_grad():
+        branch = _text_branch_only(bank.pipe.unet, base_kv) if base_kv is not None else contextlib.nullcontext()
+        with torch.no_grad(), branch:
             out = bank.pipe(prompt=[e.instruction for e in batch], image=[Image.fromarray(e.input) for e in batch],
                             num_inference_steps=cfg["steps"], guidance_scale=cfg["guidance"],
                             image_guidance_scale=cfg["image_guidance"], output_type="np",
@@ -114,6 +149,7 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
                 refused[key] = str(e)
                 continue
             merged[key] = (result.adapter, names)
+    base_kv = _base_kv(base.pipe.unet)
     bank = AdapterBank(base)
     for adapter in list(adapters.values()) + [m for m, _ in merged.values()]:
         bank.add(adapter)
@@ -125,6 +161,7 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
             masks = [tasks.rain_mask(i, resolution=base.resolution) for i in range(rows)] if task == "derain" else None
             columns = {"base": None, "adapter": task} | {k: k for k, (_, names) in merged.items() if task in names}
             scores = {c: _score_rows(bank, key, examples, task, cfg, masks) for c, key in columns.items()}
+            scores["text-only"] = _score_rows(bank, task, examples, task, cfg, masks, base_kv)
             for c in list(scores):
                 if c not in ("base", "adapter"):
                     scores[c]["retention"] = _retention(scores[c]["psnr"], scores["adapter"]["psnr"], scores["base"]["psnr"])
