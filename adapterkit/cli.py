@@ -65,7 +65,8 @@ def generation_options(f):
         *sampler_options(),
         click.option("--seed", default=0, show_default=True, type=int, help='Seed of torch.Generator("cpu") passed to the pipeline.'),
         click.option("--resolution", default=None, type=click.IntRange(8, 4096),
-                     help="Resize so the shorter side is this (multiples of 8). Default: the input's own size."),
+                     help="Resize so the shorter side is this (multiples of 8). Default: the input's own size "
+                          "(edited at sides rounded down to the VAE's multiple, then resized back)."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import load_adapter
@@ -70,6 +71,15 @@ def save_png(image, path: str) -> None:
         image.save(f, format=IMAGE_FORMATS[ext])
 
 
+def at_input_size(edited, source, resolution: int | None):
+    """Without a resolution the result keeps the input's size: the pipeline rounds both sides down to a multiple of
+    its VAE's downscale factor (a 150 x 100 photo comes back 148 x 100 from builtin:tiny's f4 VAE, 144 x 96 from
+    SD1.5's f8), so the edit is resized back to the size it came in."""
+    if resolution is None and edited.size != source.size:
+        return edited.resize(source.size, Image.Resampling.BICUBIC)
+    return edited
+
+
 def edit(
     base: str,
     images: list[str],
@@ -106,7 +116,7 @@ def edit(
     else:
         targets = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
     for img, target in tqdm(list(zip(loaded, targets)), desc="edit", unit="image", disable=quiet):
-        save_png(bank.edit(img, instruction, task=task, **options), target)
+        save_png(at_input_size(bank.edit(img, instruction, task=task, **options), img, options.get("resolution")), target)
     return targets
 
 
@@ -211,7 +221,7 @@ def edit_jobs(
                 continue
             result.batches += 1
             for job, image in zip(chunk, edited):
-                save_png(image, job["target"])
+                save_png(at_input_size(image, job["image"], options.get("resolution")), job["target"])
                 result.swap_count += job["task"] != previous  # adapter changes in file order: swaps a one-by-one run makes
                 previous = job["task"]
                 result.outputs.append(job["target"])

@@ -199,3 +199,29 @@ def test_edit_uses_the_sampler_defaults_the_base_records_issue_18(setup, tiny_ba
     sampler = json.loads((setup / "outs" / "results.json").read_text())["sampler"]
     assert sampler == {"steps": 2, "guidance": 5.0, "image_guidance": 2.0,
                        "source": {"steps": "base", "guidance": "given", "image_guidance": "base"}}
+
+
+def test_edit_keeps_the_input_size_when_the_pipeline_rounds_it(setup, tiny_base_dir, tiny_base):
+    """A 151 x 101 photo: the pipeline edits it at sides rounded down to its VAE's multiple; without --resolution the
+    written result has the input's size again, in single-image and --jobs mode alike."""
+    photo = random_image(3, 160).resize((151, 101))
+    photo.save(setup / "odd.png")
+    from adapterkit.adapters.bank import AdapterBank
+
+    raw = AdapterBank(tiny_base).edit(photo, "x", task=None, steps=2)
+    assert raw.size != (151, 101)  # what the pipeline alone returns: the rounded size
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "odd.png"), "--instruction", "x",
+                     "--output", str(setup / "odd-out.png"), "--quiet", *FAST])
+    assert code == 0, out
+    single = Image.open(setup / "odd-out.png")
+    assert single.size == (151, 101)
+    np.testing.assert_array_equal(np.asarray(single), np.asarray(raw.resize((151, 101), Image.Resampling.BICUBIC)))
+    (setup / "jobs.jsonl").write_text(json.dumps({"image": "odd.png", "instruction": "x", "adapter": None}) + "\n")
+    code, out = run(["edit", "--base", tiny_base_dir, "--jobs", str(setup / "jobs.jsonl"), "--output", str(setup / "outs"),
+                     "--quiet", *FAST])
+    assert code == 0, out
+    assert Image.open(setup / "outs" / "00001_odd.png").size == (151, 101)
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "odd.png"), "--instruction", "x", "--resolution", "64",
+                     "--output", str(setup / "small.png"), "--quiet", *FAST])
+    assert code == 0, out
+    assert Image.open(setup / "small.png").size == (88, 64)  # an explicit resolution is the size asked for
