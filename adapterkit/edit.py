@@ -13,7 +13,6 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import load_adapter
@@ -21,7 +20,7 @@ from .adapters.bank import AUTO, AdapterBank
 from .base import load_base
 from .errors import AdapterkitError
 from .fileio import atomic_file, write_json
-from .inference import open_image
+from .inference import at_input_size, open_image
 
 
 @dataclass
@@ -69,15 +68,6 @@ def save_png(image, path: str) -> None:
         raise AdapterkitError(f"output {path} must end in .png, .jpg or .webp")
     with atomic_file(path) as f:
         image.save(f, format=IMAGE_FORMATS[ext])
-
-
-def at_input_size(edited, source, resolution: int | None):
-    """Without a resolution the result keeps the input's size: the pipeline rounds both sides down to a multiple of
-    its VAE's downscale factor (a 150 x 100 photo comes back 148 x 100 from builtin:tiny's f4 VAE, 144 x 96 from
-    SD1.5's f8), so the edit is resized back to the size it came in."""
-    if resolution is None and edited.size != source.size:
-        return edited.resize(source.size, Image.Resampling.BICUBIC)
-    return edited
 
 
 def edit(

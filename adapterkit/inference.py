@@ -70,6 +70,15 @@ def resize_for_edit(img: Image.Image, resolution: int | None) -> Image.Image:
     return img.resize((new_w, new_h), Image.BICUBIC)
 
 
+def at_input_size(edited, source, resolution: int | None):
+    """Without a resolution the result keeps the input's size: the pipeline rounds both sides down to a multiple of
+    its VAE's downscale factor (a 150 x 100 photo comes back 148 x 100 from builtin:tiny's f4 VAE, 144 x 96 from
+    SD1.5's f8), so the edit is resized back to the size it came in."""
+    if resolution is None and edited.size != source.size:
+        return edited.resize(source.size, Image.Resampling.BICUBIC)
+    return edited
+
+
 def run_pipeline(
     pipe,
     image: Image.Image,

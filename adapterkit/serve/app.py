@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters.bank import AUTO
 from ..errors import AdapterkitError, first_line
+from ..inference import at_input_size
 from .inputs import BASE, ServeError, decode_image, parse_params, read_fields, unknown_adapter
 from .metrics import Metrics
 from .page import PAGE_FILES, page_path
@@ -198,7 +199,7 @@ def _add_edit_route(app: FastAPI) -> None:
         outcome = await _wait(request, job, arrived + timeout, timeout)
         if outcome is None:
             return Response(status_code=499)  # nobody is listening; nginx's code for "client closed request"
-        png = await run_in_threadpool(_png, outcome.image)
+        png = await run_in_threadpool(_png, at_input_size(outcome.image, image, None))  # the size it came in
         info = {"adapter": outcome.task or BASE, "routed": task == AUTO, "score": outcome.score, "seed": params.seed,
                 "batch_size": outcome.batch_size, "queue_ms": round(outcome.queue_s * 1000, 1),
                 "compute_ms": round(outcome.compute_s * 1000, 1), "total_ms": round((time.monotonic() - arrived) * 1000, 1)}

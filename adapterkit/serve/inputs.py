@@ -113,7 +113,8 @@ async def read_fields(request) -> tuple[dict, bytes]:
 
 
 def decode_image(data: bytes, settings, resolution: int | None) -> Image.Image:
-    """The RGB image to edit, at the size it is edited at; 400 for non-images, bombs and sizes not multiples of 8."""
+    """The RGB image to edit, at the size it is answered at (the pipeline edits at sides rounded down to its VAE's
+    multiple; the answer is resized back, as `adapterkit edit` does); 400 for non-images, bombs and tiny images."""
     if not data:
         raise ServeError(400, "the image is empty; send an image file (PNG, JPEG, WebP)")
     try:
@@ -133,7 +134,7 @@ def decode_image(data: bytes, settings, resolution: int | None) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as e:
         raise ServeError(400, f"cannot read the image ({first_line(e)}); send a complete PNG, JPEG or WebP file") from None
     image = resize_for_edit(image, resolution)
-    if image.width % 8 or image.height % 8:
-        raise ServeError(400, f"image is {image.width} x {image.height} pixels; both sides must be multiples of 8: "
-                              "pass resolution (the shorter side, rounded to multiples of 8) or crop it")
+    if image.width < 8 or image.height < 8:
+        raise ServeError(400, f"image is {image.width} x {image.height} pixels; send at least 8 x 8, or pass resolution "
+                              "(the shorter side) to scale it up")
     return image
