@@ -191,7 +191,9 @@ class AdapterBank:
 
     # ---------------------------------------------------------------------------------------------------- edit
     def edit(self, image, instruction: str, task: str | None = AUTO, **options):
-        """Edit one image. task=AUTO routes by instruction, None uses the base alone. Options as `run_pipeline`."""
+        """Edit one image. task=AUTO routes by instruction, None uses the base alone. Options as `run_pipeline`.
+        Like the diffusers pipeline, it returns sides rounded down to the VAE's multiple; `adapterkit edit` and
+        `serve` resize back to the input's size (`adapterkit.inference.at_input_size`)."""
         from ..inference import run_pipeline
 
         with self._lock:
