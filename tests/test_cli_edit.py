@@ -225,3 +225,20 @@ def test_edit_keeps_the_input_size_when_the_pipeline_rounds_it(setup, tiny_base_
                      "--output", str(setup / "small.png"), "--quiet", *FAST])
     assert code == 0, out
     assert Image.open(setup / "small.png").size == (88, 64)  # an explicit resolution is the size asked for
+
+
+def test_an_image_far_larger_than_the_training_size_gets_a_note_with_the_fix(setup, tiny_base_dir, tiny_base):
+    """Edited at its own size, a photo 5x the base's training side is slow on a CPU: stderr says so once and names
+    --resolution; at the training size, or with --resolution given, nothing is said."""
+    side = 5 * tiny_base.resolution
+    random_image(4, side).save(setup / "large.png")
+    result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, str(setup / "large.png"), "--instruction", "x",
+                                       "--output", str(setup / "large-out.png"), "--quiet", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"large.png is {side} x {side}" in result.stderr and f"--resolution {tiny_base.resolution}" in result.stderr
+    assert Image.open(setup / "large-out.png").size == (side, side)  # still edited as asked
+    for args in (["in.png"], ["large.png", "--resolution", str(tiny_base.resolution)]):
+        result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, str(setup / args[0]), *args[1:], "--instruction",
+                                           "x", "--output", str(setup / "quiet.png"), "--quiet", "--steps", "1"])
+        assert result.exit_code == 0, result.output
+        assert "note:" not in result.stderr
