@@ -284,7 +284,9 @@ def _open_source(source: str, split: str):
             return _DatasetsTable(_load_from_disk(source, split), split, source)
         raise AdapterkitError(
             f"{source} is neither a folder with metadata.jsonl (or {split}/metadata.jsonl) nor a datasets.save_to_disk "
-            "folder; see the README for the dataset format"
+            "folder; write metadata.jsonl with one line per pair, e.g. {\"input_image_file_name\": \"in/1.png\", "
+            "\"edited_image_file_name\": \"out/1.png\", \"edit_prompt\": \"derain the image\"} (paths relative to "
+            "the folder), or see `adapterkit demo-data` for a folder in that format"
         )
     if os.path.exists(source):
         raise AdapterkitError(f"dataset {source} is not a folder; pass a dataset folder or a hub dataset id")
