@@ -44,12 +44,12 @@ def _sampler_options(bank: AdapterBank, options: dict, log) -> tuple[dict, objec
 LARGE_SIDE_FACTOR = 4  # a shorter side over 4x the base's training resolution (16x its pixels) gets a note
 
 
-def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]], resolution: int | None, log) -> None:
+def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]], resolution: int | None, log) -> bool:
     """Without --resolution an image is edited at its own size. Far above the base's training size that is slow on a
     CPU (builtin:tiny, trained at 64 px: a 512 x 512 photo took 120 s against 1.4 s at 64 px on 2 cores) and the
-    adapters act at a scale they never saw; say so once, with the option that avoids it."""
+    adapters act at a scale they never saw; say so once, with the option that avoids it. True when it did."""
     if resolution is not None or log is None:
-        return
+        return False
     trained = bank.base.resolution
     large = [(path, image) for path, image in named_images if min(image.size) > LARGE_SIDE_FACTOR * trained]
     if large:
@@ -58,6 +58,7 @@ def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]],
         log(f"note: the base was trained at {trained} px and {os.path.basename(path)} is {image.width} x {image.height}"
             f"{more}: edited at that size it takes longer and may not look like its training; --resolution {trained} "
             "edits at the training size")
+    return bool(large)
 
 
 def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, device=None) -> AdapterBank:
@@ -117,7 +118,8 @@ def edit(
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     bank = make_bank(base, list(adapters), force=force)
     options, _ = _sampler_options(bank, options, log)
-    note_large_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log)
+    if note_large_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log) and not quiet:
+        bank.pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")  # minutes per image: show the steps
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
     if task == AUTO:
         refuse_unroutable(bank)

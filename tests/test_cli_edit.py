@@ -228,14 +228,15 @@ def test_edit_keeps_the_input_size_when_the_pipeline_rounds_it(setup, tiny_base_
 
 
 def test_an_image_far_larger_than_the_training_size_gets_a_note_with_the_fix(setup, tiny_base_dir, tiny_base):
-    """Edited at its own size, a photo 5x the base's training side is slow on a CPU: stderr says so once and names
-    --resolution; at the training size, or with --resolution given, nothing is said."""
+    """Edited at its own size, a photo 5x the base's training side is slow on a CPU: stderr says so once, names
+    --resolution and shows the denoising steps; at the training size, or with --resolution given, nothing is said."""
     side = 5 * tiny_base.resolution
     random_image(4, side).save(setup / "large.png")
     result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, str(setup / "large.png"), "--instruction", "x",
-                                       "--output", str(setup / "large-out.png"), "--quiet", "--steps", "1"])
+                                       "--output", str(setup / "large-out.png"), "--steps", "1"])
     assert result.exit_code == 0, result.output
     assert f"large.png is {side} x {side}" in result.stderr and f"--resolution {tiny_base.resolution}" in result.stderr
+    assert "steps: 100%" in result.stderr  # the pipeline's own step bar, since one image may take minutes
     assert Image.open(setup / "large-out.png").size == (side, side)  # still edited as asked
     for args in (["in.png"], ["large.png", "--resolution", str(tiny_base.resolution)]):
         result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, str(setup / args[0]), *args[1:], "--instruction",
