@@ -39,8 +39,9 @@ import torch  # noqa: E402
 
 def _base_kv(unet) -> dict:
     """name -> a copy of the base's attn2 to_k / to_v weight (d_out, d_text), taken before any adapter is active."""
-    return {name: module.weight.detach().clone() for name, module in unet.named_modules()
-            if name.endswith(("attn2.to_k", "attn2.to_v"))}
+    from adapterkit.base import cross_attention_kv_layers
+
+    return {name: layer.weight.detach().clone() for name, layer in cross_attention_kv_layers(unet).items()}
 
 
 @contextlib.contextmanager
