@@ -20,7 +20,7 @@ from .adapters.bank import AUTO, AdapterBank
 from .base import load_base
 from .errors import AdapterkitError
 from .fileio import atomic_file, write_json
-from .inference import at_input_size, open_image
+from .inference import MIN_EDIT_SIDE, at_input_size, open_image, too_small_to_edit
 
 
 @dataclass
@@ -42,6 +42,13 @@ def _sampler_options(bank: AdapterBank, options: dict, log) -> tuple[dict, objec
 
 
 LARGE_SIDE_FACTOR = 4  # a shorter side over 4x the base's training resolution (16x its pixels) gets a note
+
+
+def check_edit_size(path: str, image, resolution: int | None) -> None:
+    """One line instead of the pipeline's ValueError for an image with a side under MIN_EDIT_SIDE."""
+    if too_small_to_edit(image, resolution):
+        raise AdapterkitError(f"{path} is {image.width} x {image.height} pixels; images need at least {MIN_EDIT_SIDE} x "
+                              f"{MIN_EDIT_SIDE}: pass --resolution (the shorter side) to scale it up")
 
 
 def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]], resolution: int | None, log) -> bool:
@@ -116,6 +123,8 @@ def edit(
             "results (each is <input stem>.png inside), or edit one image at a time"
         )
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
+    for path, img in zip(images, loaded):
+        check_edit_size(path, img, options.get("resolution"))
     bank = make_bank(base, list(adapters), force=force)
     options, _ = _sampler_options(bank, options, log)
     if note_large_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log) and not quiet:
@@ -160,7 +169,7 @@ def read_jobs(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
 DEFAULT_BATCH_SIZE = 8  # jobs per pipeline call in --jobs mode; 1 is the old one-job-per-call path
 
 
-def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, errors: list[str]) -> list[dict]:
+def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution: int | None, errors: list[str]) -> list[dict]:
     """Open each row's image and resolve its task (AUTO: routed); bad rows go to `errors` as 'line N: problem'."""
     prepared = []
     for number, row in rows:
@@ -170,6 +179,7 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, errors: lis
             if task not in (AUTO, None) and task not in bank:
                 raise AdapterkitError(f"unknown adapter '{task}' (loaded: {', '.join(bank.tasks) or 'none'})")
             image = open_image(image_path)
+            check_edit_size(row["image"], image, resolution)  # alone, not failing the whole batch it would join
             row_seed = int(row["seed"]) if "seed" in row else seed
         except (AdapterkitError, ValueError, TypeError) as e:
             errors.append(f"line {number}: {e}")
@@ -221,7 +231,8 @@ def edit_jobs(
     os.makedirs(output, exist_ok=True)
     result = JobsResult(errors=errors, sampler=sampler.record())
     seed = int(options.pop("seed", 0))  # each job carries its seed: the row's, else --seed
-    prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, result.errors)
+    prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, options.get("resolution"),
+                             result.errors)
     note_large_inputs(bank, [(j["row"]["image"], j["image"]) for j in prepared], options.get("resolution"), log)
     records, previous = [], None
     with tqdm(total=len(prepared), desc="jobs", unit="job", disable=quiet) as bar:

@@ -70,6 +70,14 @@ def resize_for_edit(img: Image.Image, resolution: int | None) -> Image.Image:
     return img.resize((new_w, new_h), Image.BICUBIC)
 
 
+MIN_EDIT_SIDE = 8  # below this the pipeline rounds a side down to 0 (VAE multiple 4 or 8) and fails
+
+
+def too_small_to_edit(image: Image.Image, resolution: int | None) -> bool:
+    """Would the pipeline get a side under MIN_EDIT_SIDE? Only without a resolution: `resize_for_edit` keeps >= 8."""
+    return resolution is None and min(image.size) < MIN_EDIT_SIDE
+
+
 def at_input_size(edited, source, resolution: int | None):
     """Without a resolution the result keeps the input's size: the pipeline rounds both sides down to a multiple of
     its VAE's downscale factor (a 150 x 100 photo comes back 148 x 100 from builtin:tiny's f4 VAE, 144 x 96 from

@@ -243,3 +243,23 @@ def test_an_image_far_larger_than_the_training_size_gets_a_note_with_the_fix(set
                                            "x", "--output", str(setup / "quiet.png"), "--quiet", "--steps", "1"])
         assert result.exit_code == 0, result.output
         assert "note:" not in result.stderr
+
+
+def test_an_image_too_small_for_the_pipeline_gets_one_line_and_exit_2(setup, tiny_base_dir):
+    """3 x 3 pixels: the pipeline would round a side to 0 and raise a ValueError. Single mode: one line naming the
+    file and --resolution, exit 2, nothing written; --jobs: that row is skipped by line, the others are edited;
+    with --resolution it is scaled up and edited."""
+    Image.new("RGB", (3, 3), "red").save(setup / "dot.png")
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "dot.png"), "--instruction", "x",
+                     "--output", str(setup / "dot-out.png"), "--quiet", *FAST])
+    assert code == 2 and "dot.png is 3 x 3 pixels; images need at least 8 x 8: pass --resolution" in out, out
+    assert "Traceback" not in out and not os.path.exists(setup / "dot-out.png")
+    rows = [{"image": "in.png", "instruction": "x", "adapter": None}, {"image": "dot.png", "instruction": "x", "adapter": None}]
+    (setup / "jobs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out = run(["edit", "--base", tiny_base_dir, "--jobs", str(setup / "jobs.jsonl"), "--output", str(setup / "outs"),
+                     "--quiet", *FAST])
+    assert code == 0 and "1 edited, 1 skipped" in out and "line 2: dot.png is 3 x 3 pixels" in out, out
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "dot.png"), "--instruction", "x", "--resolution", "8",
+                     "--output", str(setup / "dot-out.png"), "--quiet", *FAST])
+    assert code == 0, out
+    assert Image.open(setup / "dot-out.png").size == (8, 8)

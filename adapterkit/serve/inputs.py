@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import first_line
-from ..inference import read_rgb, resize_for_edit
+from ..inference import MIN_EDIT_SIDE, read_rgb, resize_for_edit, too_small_to_edit
 
 BASE = "base"  # the adapter name that asks for the base alone
 
@@ -133,8 +133,7 @@ def decode_image(data: bytes, settings, resolution: int | None) -> Image.Image:
         raise ServeError(400, "not an image: send a PNG, JPEG or WebP file") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ServeError(400, f"cannot read the image ({first_line(e)}); send a complete PNG, JPEG or WebP file") from None
-    image = resize_for_edit(image, resolution)
-    if image.width < 8 or image.height < 8:
-        raise ServeError(400, f"image is {image.width} x {image.height} pixels; send at least 8 x 8, or pass resolution "
-                              "(the shorter side) to scale it up")
-    return image
+    if too_small_to_edit(image, resolution):
+        raise ServeError(400, f"image is {image.width} x {image.height} pixels; send at least {MIN_EDIT_SIDE} x "
+                              f"{MIN_EDIT_SIDE}, or pass resolution (the shorter side) to scale it up")
+    return resize_for_edit(image, resolution)
