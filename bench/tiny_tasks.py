@@ -11,7 +11,8 @@ training never sees) score the base, the adapter, the least-squares merge at ada
 sources' average (`prior="average"`, lsq-avg) and the plain average (linear), for the demo's two tasks and for all
 four; and what each merge does to four of the base's general edits. Columns: PSNR and SSIM to the target, the task's own
 measure (derain: PSNR on the rain pixels; cartoonize: outline F1), retention = (merge - base) / (adapter - base)
-with its 95% interval over the rows (paired bootstrap: 16 rows leave it wide). One more column, text-only: the
+with its 95% interval over the rows (paired bootstrap: 16 rows leave it wide); not applicable, with the reason, where
+the adapter's own gain is not above the rows' noise (the rule of `adapterkit eval`). One more column, text-only: the
 adapter on the instruction's guidance branch only, the two empty-prompt branches at the base's K/V: what a merge
 that keeps the empty prompt at the base (as the paper's does) can keep at most.
 Rows are scored twice: with stored phrasings, and with phrasings never stored in any adapter ("unseen").
@@ -103,21 +104,29 @@ MERGES = {"lsq": ("lsq", {}), "lsq-avg": ("lsq", {"prior": "average"}), "linear"
 GENERAL_PROBES = ("brighter", "invert", "sepia", "blur")  # what each merge does to the base's own edits
 
 
-NOISE_DB = 0.3  # an adapter gain below this is within the rows' noise: a ratio over it means nothing
+def _retention_note(adapter: list, base: list) -> str | None:
+    """Why retention means nothing for this task's adapter (its per-row gain not above the rows' noise: the rule
+    `adapterkit eval` applies, eval/report.py retention_not_applicable), or None."""
+    from adapterkit.eval.metrics import summarise
+    from adapterkit.eval.report import retention_not_applicable
+
+    return retention_not_applicable(summarise([a - b for a, b in zip(adapter, base)]))
 
 
-def _retention(merged: float, adapter: float, base: float) -> float | None:
-    gain = adapter - base
-    return None if abs(gain) < NOISE_DB else (merged - base) / gain
+def _retention(merged: list, adapter: list, base: list) -> float | None:
+    """(merge - base) / (adapter - base) on the rows' mean PSNR; None where `_retention_note` gives a reason."""
+    if _retention_note(adapter, base) is not None:
+        return None
+    return (float(np.mean(merged)) - float(np.mean(base))) / (float(np.mean(adapter)) - float(np.mean(base)))
 
 
 def _retention_interval(merged: list, adapter: list, base: list, draws: int = 2000) -> list | None:
     """95% interval of the retention over the rows: the same rows resampled for all three columns (paired bootstrap,
-    seeded), percentiles of the ratio; None when the gain itself is within the noise (as `_retention`)."""
+    seeded), percentiles of the ratio; None when retention is not applicable or a resample's gain is not positive."""
     m, a, b = (np.asarray(x, dtype=np.float64) for x in (merged, adapter, base))
     index = np.random.default_rng(0).integers(0, len(b), size=(draws, len(b)))
     gain = a[index].mean(1) - b[index].mean(1)
-    if abs(a.mean() - b.mean()) < NOISE_DB or (gain <= 0).any():
+    if _retention_note(adapter, base) is not None or (gain <= 0).any():
         return None
     ratio = (m[index].mean(1) - b[index].mean(1)) / gain
     return [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))]
@@ -165,7 +174,9 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
             scores["text-only"] = _score_rows(bank, task, examples, task, cfg, masks, base_kv)
             for c in list(scores):
                 if c not in ("base", "adapter"):
-                    scores[c]["retention"] = _retention(scores[c]["psnr"], scores["adapter"]["psnr"], scores["base"]["psnr"])
+                    scores[c]["retention"] = _retention(scores[c]["psnr_rows"], scores["adapter"]["psnr_rows"],
+                                                        scores["base"]["psnr_rows"])
+                    scores[c]["retention_note"] = _retention_note(scores["adapter"]["psnr_rows"], scores["base"]["psnr_rows"])
                     scores[c]["retention_95"] = _retention_interval(scores[c]["psnr_rows"], scores["adapter"]["psnr_rows"],
                                                                     scores["base"]["psnr_rows"])
             table[f"{task}/{phrasing}"] = scores
@@ -223,6 +234,10 @@ def main(argv=None) -> int:
     print("\ngeneral edits with each merge active, PSNR change (dB) from the base's own edit (8 held-out rows each):")
     for edit, row in result["general_edits"].items():
         print(f"  {edit:<10} base {row['base']:.2f}  " + "  ".join(f"{k} {v:+.2f}" for k, v in row.items() if k != "base"))
+    notes = {key: s["retention_note"] for key, scores in result["scores"].items() for s in scores.values()
+             if s.get("retention_note")}
+    for key, note in notes.items():
+        print(f"\nretention not applicable for {key}: {note}")
     for key, reason in result["merges_refused"].items():
         print(f"\nmerge {key} refused: {reason}")
     r = result["routing"]
