@@ -205,8 +205,10 @@ def import_command(folder, **options):
 @click.option("--ridge", default=merge_methods.DEFAULT_RIDGE, show_default=True, type=float, help="lsq: ridge on M, relative to its mean eigenvalue.")
 @click.option("--reg-prompts", default=None, type=click.Path(dir_okay=False),
               help="Regularization prompts, one per line (default: the built-in set of edit instructions and captions).")
-@click.option("--positions", default="eos", show_default=True, type=click.Choice(merge_methods.POSITIONS),
-              help="lsq target tokens: 1..first EOS (eos) or all 77 positions (all).")
+@click.option("--positions", default="auto", show_default=True, type=click.Choice(merge_methods.POSITIONS),
+              help="lsq target tokens: 1..first EOS (eos, the paper's); those plus each instruction's padding block "
+                   "by its top 3 principal directions (eos+padding); all 77 positions (all). auto: eos+padding when "
+                   "every source was trained with --kv-preservation, else eos.")
 @click.option("--reg-positions", default="all", show_default=True, type=click.Choice(merge_methods.REG_POSITIONS),
               help="lsq regularization tokens: all 77 positions, or 1..first EOS (the paper's code; see README).")
 @click.option("--shared-rows", default="mean", show_default=True, type=click.Choice(merge_methods.SHARED_ROWS),

@@ -50,6 +50,10 @@ class ChannelScale:
                 layer.channel_scale.copy_(tensors[name])
 
     @staticmethod
+    def live_kv_delta(unet, options, base_kv):
+        return {n: (l.channel_scale - 1)[:, None] * base_kv[n] for n, l in cross_attention_kv_layers(unet).items()}
+
+    @staticmethod
     def delta_weights(tensors, base_weights, options=None, dtype=torch.float32):
         return {n: (s.to(dtype) - 1)[:, None] * base_weights[n].to(dtype) for n, s in tensors.items()}  # (s - 1) W0
 

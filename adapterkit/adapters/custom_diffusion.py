@@ -63,6 +63,12 @@ def load_trainable(unet, tensors: dict[str, torch.Tensor]) -> None:
     swap_in(unet, tensors)
 
 
+def live_kv_delta(unet, options, base_kv: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Training: the change of every attn2 K/V weight from the base's (`base_kv`: fp32 copies taken before training),
+    differentiable (train/preservation.py penalises it)."""
+    return {name: layer.weight.float() - base_kv[name] for name, layer in cross_attention_kv_layers(unet).items()}
+
+
 def targets(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Module paths the adapter changes: every attn2 K/V it holds."""
     return sorted(tensors)

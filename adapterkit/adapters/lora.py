@@ -103,6 +103,19 @@ def load_trainable(unet, tensors: dict[str, torch.Tensor], adapter_name: str = T
             named[f"{module}.lora_{part[0]}.{adapter_name}.weight"].copy_(value)
 
 
+def live_kv_delta(unet, config: dict, base_kv=None, adapter_name: str = TRAIN_ADAPTER) -> dict[str, torch.Tensor]:
+    """Training: scale * B @ A of the attached LoRA on every attn2 K/V module it wraps, differentiable (fp32).
+    K/V modules without a LoRA (other --targets) are left out: they do not change."""
+    from ..base import is_cross_attention_kv, unwrap_compiled
+
+    out = {}
+    for name, module in unwrap_compiled(unet).named_modules():
+        if is_cross_attention_kv(name) and adapter_name in getattr(module, "lora_A", {}):
+            b, a = module.lora_B[adapter_name].weight, module.lora_A[adapter_name].weight  # (d_out, r), (r, d_in)
+            out[name] = scale(config, name) * (b.float() @ a.float())
+    return out
+
+
 def targets(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Module paths the adapter changes."""
     return modules(tensors)

@@ -31,6 +31,7 @@ PROTOCOL = (
     "is_adapter_parameter",  # (parameter name) -> bool: a bug guard in training
     "extract",  # (unet) -> tensors: the trained adapter's tensors, fp32 CPU copies
     "load_trainable",  # (unet, tensors) -> None: put saved tensors back into the trainable parameters (resume)
+    "live_kv_delta",  # (unet, options, base_kv) -> {attn2 K/V path: dW}: the change being trained, with gradients
     "targets",  # (tensors) -> [module path]: modules the adapter changes
     "rank",  # (tensors, options) -> int | None
     "delta_weights",  # (tensors, base_weights, options, dtype) -> {module path: dW}

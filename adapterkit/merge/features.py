@@ -8,6 +8,11 @@ Which token positions are targets (`positions`):
 - "eos" (default): positions 1 .. first EOS inclusive, as Custom Diffusion's official merge does. The start token
   (position 0) sees only itself through CLIP's causal mask, so its row is identical for every prompt: constraining it
   would pit every task against every other. The padding positions after the first EOS are left to regularization.
+- "eos+padding": those rows plus the padding block after EOS summarised by its top PADDING_DIRECTIONS principal
+  directions (`padding_directions`). The UNet reads the padding positions too, and an adapter changes what it makes
+  of them; but they are nearly the same directions for every prompt and for "", so constraining them pits the tasks
+  against each other unless each adapter was trained to leave other prompts alone (`--kv-preservation`,
+  train/preservation.py). "auto", the merge's default, takes this rule when every source was trained that way.
 - "all": every one of the 77 positions, padding included (the start token, shared by all tasks, gets the mean target
   like any shared row). Exact only while the row count stays below d_text: about 10 instructions for SD1.5; with
   `lsq-soft` it always solves.
@@ -39,8 +44,9 @@ from ..adapters.safe_load import load_safetensors
 from ..errors import AdapterkitError
 from ..fileio import atomic_file
 from ..inference import encode_text
-from .methods import POSITIONS  # one list of position rules, with the merge options
+from .methods import REG_POSITIONS, TARGET_POSITIONS  # one list of position rules, with the merge options
 
+PADDING_DIRECTIONS = 3  # eos+padding: principal directions kept per instruction's padding block (README, merge)
 FEATURES_VERSION = 2  # bump when the way rows are chosen changes: old cache entries are then ignored
 BATCH_SIZE = 128  # per text-encoder call: per-call overhead dominates small batches on CPU
 _PROBE = "a photo of a cat, make it snowy at night"
@@ -87,13 +93,28 @@ def first_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def select_rows(ids: torch.Tensor, hidden: torch.Tensor, eos_id: int, positions: str) -> list[torch.Tensor]:
     """Per text, the (k, d_text) rows to constrain: positions 1..first EOS ("eos"), or all 77 ("all")."""
-    if positions not in POSITIONS:
-        raise AdapterkitError(f"unknown positions rule '{positions}'; use one of {', '.join(POSITIONS)}")
+    if positions not in TARGET_POSITIONS:
+        raise AdapterkitError(f"unknown positions rule '{positions}'; use one of {', '.join(TARGET_POSITIONS)}")
     if positions == "all":
         return [h for h in hidden]
 
     ends = first_eos(ids, eos_id)
-    return [hidden[i, 1 : int(ends[i]) + 1] for i in range(hidden.shape[0])]
+    rows = [hidden[i, 1 : int(ends[i]) + 1] for i in range(hidden.shape[0])]
+    if positions == "eos+padding":
+        rows = [torch.cat([r, padding_directions(hidden[i, int(ends[i]) + 1 :]).to(r.dtype)]) for i, r in enumerate(rows)]
+    return rows
+
+
+def padding_directions(block: torch.Tensor, k: int = PADDING_DIRECTIONS) -> torch.Tensor:
+    """(<= k, d_text): the top-k principal directions of one instruction's padding rows (n_pad, d_text), each scaled by
+    its singular value / sqrt(n_pad), the root-mean-square size of the block along it. A weight that matches the
+    adapter on these rows matches it on the block up to the energy outside them (builtin:tiny v2: 3 directions hold
+    99.8% of the empty prompt's rows; the padding positions are 70 of the 77 rows the UNet reads)."""
+    if block.shape[0] == 0:  # a truncated prompt ends in EOS at position 76: no padding
+        return block
+    _u, s, vh = torch.linalg.svd(block.double(), full_matrices=False)
+    k = min(k, int((s > s[0] * 1e-6).sum()))
+    return s[:k, None] * vh[:k] / block.shape[0] ** 0.5
 
 
 def instruction_features(base, instructions: list[str], positions: str = "eos", quiet: bool = True) -> dict[str, torch.Tensor]:
@@ -115,8 +136,8 @@ def instruction_features(base, instructions: list[str], positions: str = "eos", 
 def regularization_gram(base, prompts: list[str], quiet: bool = True, positions: str = "all") -> tuple[torch.Tensor, int]:
     """(M (d_text, d_text) float64 = C_reg^T C_reg / n, n): Gram of every position ("all") or of positions 1..first
     EOS ("eos") of every prompt."""
-    if positions not in POSITIONS:
-        raise AdapterkitError(f"unknown regularization positions rule '{positions}'; use one of {', '.join(POSITIONS)}")
+    if positions not in REG_POSITIONS:
+        raise AdapterkitError(f"unknown regularization positions rule '{positions}'; use one of {', '.join(REG_POSITIONS)}")
     prompts = sorted(set(prompts))
     key = _cache_key(base, "regularization", prompts, "every-position" if positions == "all" else "first-eos")
     cached = _read_cache(base, key)

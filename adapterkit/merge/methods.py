@@ -17,7 +17,11 @@ DEFAULT_DENSITY = 0.5  # ties / dare: fraction of each delta kept
 # retention on never-stored phrasings. Drift, which the ridge biases, is lowest unridged.
 DEFAULT_RIDGE = 1e-9
 DEFAULT_TARGET_WEIGHT = 1e4  # lsq-soft: lambda
-POSITIONS = ("eos", "all")  # lsq target tokens: 1..first EOS, or all 77 (features.py)
+# lsq target tokens (features.py): 1..first EOS; those plus each instruction's padding block summarised by its top
+# principal directions; all 77. "auto" picks eos+padding when every source was trained with K/V preservation, else
+# eos (run.resolve_positions).
+TARGET_POSITIONS = ("eos", "eos+padding", "all")
+POSITIONS = ("auto",) + TARGET_POSITIONS
 REG_POSITIONS = ("all", "eos")  # lsq regularization tokens: all 77 (default), or 1..first EOS as the reference code
 SHARED_ROWS = ("mean", "first")  # lsq rows of several tasks: mean target (order free), or the first task's (reference)
 OTHER_MODULE_METHODS = ("linear", "sum")  # lsq: how LoRA modules outside attn2 K/V are merged
@@ -60,7 +64,7 @@ class MergeOptions:
     rank: int | None = None  # svd: truncation rank
     target_weight: float = DEFAULT_TARGET_WEIGHT  # lsq-soft: lambda
     ridge: float = DEFAULT_RIDGE  # lsq: ridge on M, relative to its mean eigenvalue
-    positions: str = "eos"  # lsq: target token positions (POSITIONS)
+    positions: str = "auto"  # lsq: target token positions (POSITIONS)
     reg_positions: str = "all"  # lsq: regularization token positions (REG_POSITIONS)
     shared_rows: str = "mean"  # lsq: target of a row several tasks share (SHARED_ROWS)
     other_modules: str = "linear"  # lsq: merge rule for LoRA modules outside attn2 K/V (OTHER_MODULE_METHODS)

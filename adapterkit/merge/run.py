@@ -71,7 +71,7 @@ def merge(
     target_weight: float = lsq.DEFAULT_TARGET_WEIGHT,
     ridge: float = lsq.DEFAULT_RIDGE,
     reg_prompts: str | list[str] | None = None,
-    positions: str = "eos",
+    positions: str = "auto",
     reg_positions: str = "all",
     shared_rows: str = "mean",
     probe_instructions: str | dict | None = None,
@@ -96,6 +96,7 @@ def merge(
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
+    options = dataclasses.replace(options, positions=resolve_positions(options.positions, inputs.adapters))
     timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
     prompts, gram, reg_rows, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
     timings["features"], solve_start = time.perf_counter() - features_start, time.perf_counter()
@@ -110,7 +111,7 @@ def merge(
     merge_report["time_s"] = {**timings, "total": time.perf_counter() - start}
     record = MergeRecord(method=method, sources=_sources(inputs, weights), options=dataclasses.asdict(options), report=merge_report)
     merged_adapter.extra = {"merge": record.to_dict()}
-    packed = _constraints(spec, inputs, merge_report, base, positions, merged_adapter)
+    packed = _constraints(spec, inputs, merge_report, base, options.positions, merged_adapter)
     result = MergeResult(adapter=merged_adapter, report=merge_report, updates=kv_deltas)
     if output:
         result.path = _save(merged_adapter, output, packed)
@@ -158,6 +159,21 @@ def _constraints(spec, inputs: _Inputs, merge_report: dict, base: Base, position
     packed = incremental.pack(inputs.tasks, positions, features.text_encoder_probe(base.pipe), drifts)
     incremental.attach(merged_adapter, packed)
     return packed
+
+
+def resolve_positions(positions: str, adapters: list[Adapter]) -> str:
+    """The target rule "auto" stands for: eos+padding when every source was trained with K/V preservation (or is a
+    merge that used eos+padding), else eos, the paper's rows. Constraining the padding directions pays only when the
+    sources leave them alone elsewhere; otherwise their targets conflict there (features.py, README)."""
+    if positions != "auto":
+        return positions
+
+    def preserved(adapter: Adapter) -> bool:
+        if adapter.merge:
+            return (adapter.merge.options or {}).get("positions") == "eos+padding"
+        return float(adapter.training.get("kv_preservation") or 0) > 0
+
+    return "eos+padding" if all(preserved(a) for a in adapters) else "eos"
 
 
 def _prepare_inputs(adapters: list, base: Base, force: bool, as_lora: bool) -> _Inputs:

@@ -63,6 +63,10 @@ class TrainConfig:
     # ---- adapter
     rank: int | None = _f(None, "LoRA rank r. Default: the base's recommendation, else 4.", "adapter")
     lora_alpha: float | None = _f(None, "LoRA alpha; default: equal to the rank (scale 1).", "adapter")
+    kv_preservation: float | None = _f(None, "Weight of K/V preservation: the relative change of the attn2 K/V outputs on "
+                                       "other prompts (the merge's regularization prompts) is added to the loss, so the adapter "
+                                       "acts through its own instructions, leaves the base's other edits alone and merges "
+                                       "without conflict (README). Default: the base's recommendation, else 0 (off).", "adapter")
     targets: str = _f("kv", "LoRA target modules: kv (attn2 K/V, mergeable), attn (all attention projections), or a comma list.", "adapter")
 
     # ---- optimisation
@@ -117,6 +121,8 @@ class TrainConfig:
         for name in ("warmup_steps", "validation_steps", "checkpoint_steps", "checkpoints_total_limit", "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise AdapterkitError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.kv_preservation is not None and not self.kv_preservation >= 0:
+            raise AdapterkitError(f"--kv-preservation must not be negative, got {self.kv_preservation}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise AdapterkitError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -174,7 +180,7 @@ class TrainConfig:
 # Settings a TrainConfig may leave at None ("not given"): the base's recommendation fills them, else these
 # (diffusers' train_instruct_pix2pix.py values, with bitsandbytes' 8-bit AdamW).
 PLAIN_DEFAULTS = {"steps": 1000, "batch_size": 4, "learning_rate": 1e-4, "lr_scheduler": "constant", "rank": 4,
-                  "optimizer": "adamw8bit", "cache_latents": False}
+                  "optimizer": "adamw8bit", "cache_latents": False, "kv_preservation": 0.0}
 BASE_TRAINING_KEY = "training_defaults"  # in adapterkit_base.json: {method: {setting: value}}
 
 

@@ -2,18 +2,17 @@
 
 The loop in `train` is the whole recipe: setup, then per step (loss, optimizer step, log, validate, checkpoint),
 then save; below it, the step itself (batch, loss, optimizer step). Helpers with one job each live beside it:
-setup.py (accelerator, trainable adapter, optimizer), batches.py (transforms, encoders, latent cache),
-validation.py, checkpoints.py (save / list / prune / resume / publish, signals, teardown).
+setup.py (accelerator, trainable adapter, optimizer), batches.py (transforms, encoders, latent cache), validation.py,
+checkpoints.py (save / list / prune / resume / publish, signals, teardown), preservation.py (--kv-preservation).
 
 Objective (Brooks et al. 2211.09800, as diffusers' train_instruct_pix2pix.py): z = s * VAE(target) sampled from the
 posterior, c_I = VAE(input) posterior mode (no scaling, as the pipeline), c_T = text features of the instruction;
-noise eps, timestep t uniform over the base's schedule; loss = || eps - UNet([z_t, c_I], t, c_T) ||^2 (or the
-v target when the base predicts v). Conditioning dropout draws one uniform r per example: c_T -> features of ""
-when r < 2p, c_I -> 0 when p <= r < 3p, so text only, both, and image only are each dropped with probability p.
+noise eps, timestep t uniform over the base's schedule; loss = || eps - UNet([z_t, c_I], t, c_T) ||^2 (or the v target
+when the base predicts v). Conditioning dropout draws one uniform r per example: c_T -> features of "" when r < 2p,
+c_I -> 0 when p <= r < 3p, so text only, both, and image only are each dropped with probability p.
 
-Determinism: every random draw of step s, micro-step m, process k comes from a generator seeded by hash(seed, s, m,
-k), and the data order of epoch e from hash(seed, e). A resumed run therefore needs only the step, the adapter
-weights and the optimizer/scheduler state (accelerate's save_state) to continue bit for bit.
+Determinism: every random draw of step s, micro-step m, process k comes from a generator seeded by hash(seed, s, m, k),
+the data order of epoch e from hash(seed, e): a resumed run needs only the step, the adapter and accelerate's state.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from .batches import BatchStream, LatentCache, encode_text, seeded_generator
 from .checkpoints import CHECKPOINTS, LOG_FILE, LOGS, StopSignal, TrainingInterrupted  # noqa: F401 (re-exported for the CLI)
 from ..fileio import BASE_INFO_FILE
 from .config import TrainConfig, describe_recommended
+from .preservation import make_preservation
 from .setup import (
     check_resolution, describe_rows, hold_out, init_trackers, make_accelerator, make_adapter_trainable, make_optimizer,
     row_counts,
@@ -80,6 +80,7 @@ class _Run:
     options: dict | None  # the method's options (adapters/<method>.training_options)
     recommended_by_base: dict = field(default_factory=dict)  # settings the base's adapterkit_base.json filled in
     stream: BatchStream | None = None  # made once the latent cache (if any) is built
+    preservation: object = None  # the --kv-preservation term (preservation.py), set up with the run
 
     @property
     def world(self) -> int:
@@ -182,6 +183,8 @@ def _setup(cfg: TrainConfig, accelerator) -> _Run:
         train_indices=train_indices, validation_indices=validation_indices, synonyms=synonyms, resolution=resolution,
         null_text=encode_text(pipe.tokenizer, pipe.text_encoder, [""]), options=options,
     )
+    run.preservation = make_preservation(cfg, base, get_method(cfg.method), options, synonyms or _distinct(  # copies the
+        [dataset.instructions[i] for i in train_indices]), accelerator.device)  # base K/V: before a resume loads weights
     cache = None
     if cfg.cache_latents:
         cache = LatentCache.build(
@@ -211,6 +214,7 @@ def _train_step(run: _Run, step: int, stop: StopSignal) -> tuple[float, int, boo
         last = micro == cfg.gradient_accumulation - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(run.unet):
             loss = ip2p_loss(run.unet, run.noise_scheduler, latents, cond, text, run.null_text, generator, cfg.conditioning_dropout)
+            loss = loss + run.preservation.loss(accelerator.unwrap_model(run.unet))  # 0 without --kv-preservation
             accelerator.backward(loss / cfg.gradient_accumulation)
         losses.append(loss.detach().float())
     local = torch.stack([torch.stack(losses).mean(), torch.tensor(float(len(run.dataset.skipped))).to(losses[0]), torch.tensor(float(stop.requested)).to(losses[0])])
