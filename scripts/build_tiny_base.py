@@ -124,11 +124,15 @@ class BuildConfig:
 # of batch 32 (~70 s on 2 cores) gained derain +1.61 / cartoonize +1.77 dB, and 300 steps no more (+1.80); a K/V LoRA
 # of rank 128 (half the text width), 3e-3 cosine, 150 steps (~80 s): +1.37 / +1.68 dB, where rank 32 needed 400 steps
 # for derain +1.54. Batch 32 on cached latents: batch 4 at 1e-4 (the plain defaults) learned nothing in 150 steps.
+# K/V preservation 0.3 (session 14, train/preservation.py; walk-through data, validation rows 64-79 of the eval
+# split): derain / cartoonize gain 2.86 / 1.30 dB without it, 2.66 / 1.19 at 0.1, 2.59 / 1.15 at 0.3, 2.41 / 0.95 at
+# 1; with it, `merge` (positions eos+padding) keeps 99% / 82-86% of the gains at any of these weights, without it
+# 82% / 48% (eos) or 86% / 35% (eos+padding).
 TRAINING_DEFAULTS = {
     "lora": {"rank": 128, "batch_size": 32, "learning_rate": 3e-3, "lr_scheduler": "cosine", "steps": 150,
-             "optimizer": "adamw", "cache_latents": True},
+             "optimizer": "adamw", "cache_latents": True, "kv_preservation": 0.3},
     "custom-diffusion": {"batch_size": 32, "learning_rate": 1e-3, "lr_scheduler": "constant", "steps": 150,
-                         "optimizer": "adamw", "cache_latents": True},
+                         "optimizer": "adamw", "cache_latents": True, "kv_preservation": 0.3},
 }
 
 # The general edits that move pixels rather than recolour them: drawn `spatial_weight` times as often in training.

@@ -41,10 +41,12 @@ class DemoSettings:
     train_steps: int | None = None  # optimizer steps per adapter; None: what the base recommends (as `train` does)
     inference_steps: int | None = None  # default: the base's recorded default_steps, else 20
     # The least-squares merge at `adapterkit merge`'s defaults: the paper's exact form on the end-of-text rows of
-    # every stored phrasing. builtin:tiny v2's text width (256) holds the two tasks' 47 rows; v1's 32 did not, and
-    # the demo used the soft form over all 77 positions instead (issue 18, point 4).
+    # every stored phrasing, plus each phrasing's padding directions since both adapters were trained with the K/V
+    # preservation builtin:tiny recommends ("auto", merge/run.py resolve_positions). builtin:tiny v2's text width
+    # (256) holds the two tasks' rows; v1's 32 did not, and the demo used the soft form over all 77 positions instead
+    # (issue 18, point 4).
     merge_method: str = "lsq"
-    merge_positions: str = "eos"
+    merge_positions: str = "auto"
     merge_prior: str = "base"  # "average": the lsq merge stays near the sources' average off the constraints
     seed: int = 0
 
@@ -241,7 +243,8 @@ def format_summary(summary: dict) -> str:
     swaps = ", ".join(f"{t} {ms:.2f} ms" for t, ms in bank["swap_ms"].items())
     near_average = settings.get("merge_prior", "base") != "base"  # a demo.json written before the option: the paper's
     lines += ["", "PSNR in dB on held-out crops; retention = (merge - base) / (adapter - base); "
-              f"lsq = least-squares merge ({settings['merge_method']}, {settings['merge_positions']} "
+              f"lsq = least-squares merge ({settings['merge_method']}, "
+              f"{(summary.get('merge') or {}).get('lsq', {}).get('positions') or settings['merge_positions']} "
               "token positions" + (", near the sources' average off the constraints" if near_average else "")
               + "), linear = plain average.",
               (f"training: each adapter first encodes its {settings['train_rows']} rows once (the 'cache latents' bar: "
