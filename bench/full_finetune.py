@@ -47,6 +47,13 @@ def load_trainable(unet, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(tensors[name])
 
 
+def live_kv_delta(unet, options, base_kv: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """--kv-preservation: the attn2 K/V weights' change from the base, differentiable (as Custom Diffusion's)."""
+    from adapterkit.base import cross_attention_kv_layers
+
+    return {name: layer.weight.float() - base_kv[name] for name, layer in cross_attention_kv_layers(unet).items()}
+
+
 def targets(tensors) -> list[str]:
     return sorted(tensors)
 

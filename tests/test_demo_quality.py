@@ -26,9 +26,9 @@ def test_short_lora_training_on_builtin_tiny_improves_heldout_cartoonize(tmp_pat
         checkpoint_steps=0, log_with="none", quiet=True,
     ))
     assert adapter.training["steps_done"] == 150
-    # quiet=True prints nothing: the base's recommendation (here lr_scheduler) is in adapter.json, not on stdout,
-    # which benches keep for their JSON.
-    assert adapter.training["recommended_by_base"] == {"lr_scheduler": "cosine"}
+    # quiet=True prints nothing: the base's recommendations (here lr_scheduler and K/V preservation) are in
+    # adapter.json, not on stdout, which benches keep for their JSON.
+    assert adapter.training["recommended_by_base"] == {"lr_scheduler": "cosine", "kv_preservation": 0.3}
     assert "settings recommended" not in capsys.readouterr().out
     base = load_base("builtin:tiny")
     result = evaluate(base, held_out, [adapter.path], str(tmp_path / "eval-out"), quiet=True,

@@ -41,13 +41,13 @@ def test_the_term_is_zero_at_the_start_and_measures_the_relative_kv_change(train
             p.add_(0.05 * torch.randn_like(p))  # LoRA: A and B both nonzero now
     loss = term.loss(base.pipe.unet)
     loss.backward()
-    assert float(loss) > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if p.ndim == 2)
+    assert float(loss.detach()) > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params if p.ndim == 2)
     # 2 x the mean over layers of tr(dW M dW^T) / tr(W0 M W0^T), from the weights themselves
     layers = cross_attention_kv_layers(base.pipe.unet)
     deltas = module.live_kv_delta(base.pipe.unet, options, term.base_kv)
-    expected = 2.0 * sum(float(((d @ term.gram) * d).sum()) / float(((term.base_kv[n] @ term.gram) * term.base_kv[n]).sum())
+    expected = 2.0 * sum(float(((d.detach() @ term.gram) * d.detach()).sum()) / float(((term.base_kv[n] @ term.gram) * term.base_kv[n]).sum())
                          for n, d in deltas.items()) / len(deltas)
-    assert set(deltas) <= set(layers) and float(loss) == pytest.approx(expected, rel=1e-4)
+    assert set(deltas) <= set(layers) and float(loss.detach()) == pytest.approx(expected, rel=1e-4)
 
 
 def _relative_kv_change(base, adapter, prompts) -> float:
