@@ -131,3 +131,22 @@ def encode_text(tokenizer, text_encoder, texts: list[str]) -> TextFeatures:
     with torch.no_grad():
         out = text_encoder(ids.to(text_encoder.device))
     return TextFeatures(ids, out[0].float(), out.pooler_output.float())
+
+
+def text_gram(tokenizer, text_encoder, texts: list[str], select=None, batch_size: int = 128, progress=None):
+    """(M, n): M = C^T C / n (d_text, d_text) float64 on the CPU over the token rows C the UNet reads for `texts`, n
+    the row count. Rows: every position of every text, or what `select(ids, hidden)` returns ((k, d_text), hidden on
+    the CPU). One encoder call per `batch_size` texts; `progress` wraps the batch iterable (a tqdm). The merge's
+    regularization Gram (merge/features.py) and training's K/V preservation (train/preservation.py) both use it."""
+    import torch
+
+    d_text = text_encoder.config.hidden_size
+    gram, rows = torch.zeros(d_text, d_text, dtype=torch.float64), 0
+    starts = range(0, len(texts), batch_size)
+    for start in progress(starts) if progress else starts:
+        ids, hidden, _pooled = encode_text(tokenizer, text_encoder, texts[start : start + batch_size])
+        hidden = hidden.cpu()
+        every = (hidden.reshape(-1, d_text) if select is None else select(ids, hidden)).double()  # (rows, d_text)
+        gram += every.T @ every
+        rows += every.shape[0]
+    return gram / rows, rows

@@ -4,29 +4,16 @@ methods; leaving the context removes the hooks."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from adapterkit.adapters.bank import AdapterBank
 from adapterkit.testing import random_custom_diffusion, random_lora
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "tiny_tasks.py")
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_tiny_tasks", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("method", ["custom-diffusion", "lora"])
-def test_empty_prompt_rows_use_the_base_kv_and_the_instruction_rows_the_adapter(tiny_base, method):
-    bench = _bench()
-    base_kv = bench._base_kv(tiny_base.pipe.unet)
+def test_empty_prompt_rows_use_the_base_kv_and_the_instruction_rows_the_adapter(tiny_base, method, tiny_tasks_bench):
+    base_kv = tiny_tasks_bench._base_kv(tiny_base.pipe.unet)
     name = sorted(base_kv)[0]
     bank = AdapterBank(tiny_base)
     make = random_custom_diffusion if method == "custom-diffusion" else random_lora
@@ -37,7 +24,7 @@ def test_empty_prompt_rows_use_the_base_kv_and_the_instruction_rows_the_adapter(
         x = torch.randn(6, 77, base_kv[name].shape[1], generator=torch.Generator().manual_seed(0))  # B = 2
         with torch.no_grad():
             adapted = module(x)
-            with bench._text_branch_only(tiny_base.pipe.unet, base_kv):
+            with tiny_tasks_bench._text_branch_only(tiny_base.pipe.unet, base_kv):
                 mixed = module(x)
             after = module(x)
         base_out = torch.nn.functional.linear(x, base_kv[name])

@@ -43,7 +43,7 @@ from ..adapters import tokens
 from ..adapters.safe_load import load_safetensors
 from ..errors import AdapterkitError
 from ..fileio import atomic_file
-from ..inference import encode_text
+from ..inference import encode_text, text_gram
 from .methods import REG_POSITIONS, TARGET_POSITIONS  # one list of position rules, with the merge options
 
 PADDING_DIRECTIONS = 3  # eos+padding: principal directions kept per instruction's padding block (README, merge)
@@ -143,18 +143,10 @@ def regularization_gram(base, prompts: list[str], quiet: bool = True, positions:
     cached = _read_cache(base, key)
     if cached is not None and "gram" in cached and "rows" in cached:
         return cached["gram"].double(), int(round(cached["rows"].item()))
-    d_text = base.pipe.text_encoder.config.hidden_size
-    gram = torch.zeros(d_text, d_text, dtype=torch.float64)
-    rows = 0
-    for start in tqdm(range(0, len(prompts), 256), desc="regularization features", unit="chunk", disable=quiet):
-        ids, hidden = encode_tokens(base.pipe, prompts[start : start + 256])
-        if positions == "all":
-            every = hidden.reshape(-1, d_text).double()  # (b * 77, d_text): all positions of every prompt
-        else:
-            every = torch.cat(select_rows(ids, hidden, base.pipe.tokenizer.eos_token_id, "eos")).double()
-        gram += every.T @ every
-        rows += every.shape[0]
-    gram /= rows
+    eos_id = base.pipe.tokenizer.eos_token_id
+    select = None if positions == "all" else (lambda ids, hidden: torch.cat(select_rows(ids, hidden, eos_id, "eos")))
+    gram, rows = text_gram(base.pipe.tokenizer, base.pipe.text_encoder, prompts, select, BATCH_SIZE,
+                           progress=lambda batches: tqdm(batches, desc="regularization features", unit="batch", disable=quiet))
     _write_cache(base, key, {"gram": gram, "rows": torch.tensor([rows], dtype=torch.float64)})  # float: load refuses ints
     return gram, rows
 

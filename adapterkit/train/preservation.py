@@ -29,10 +29,9 @@ import torch
 
 from ..adapters.routing import read_background, stem, words
 from ..base import cross_attention_kv_layers
-from ..inference import encode_text
+from ..inference import text_gram
 
 COMMON_WORD_SHARE = 0.05  # a word in at least this share of the preservation prompts is common: it excludes nothing
-BATCH_SIZE = 128  # prompts per text-encoder call
 
 
 def preservation_prompts(instructions: list[str], prompts: list[str] | None = None) -> list[str]:
@@ -55,7 +54,8 @@ class KVPreservation:
     def __init__(self, base, method, options, weight: float, instructions: list[str], device):
         self.method, self.options, self.weight = method, options, float(weight)
         self.prompts = preservation_prompts(instructions)
-        self.gram = prompt_gram(base.pipe, self.prompts).to(device, torch.float32)
+        # M over every position of the prompts, as the merge's regularization Gram (inference.text_gram)
+        self.gram = text_gram(base.pipe.tokenizer, base.pipe.text_encoder, self.prompts)[0].to(device, torch.float32)
         # fp32 copies of the base K/V, taken before training starts (and before a resume loads trained weights)
         self.base_kv = {n: layer.weight.detach().to(device, torch.float32).clone()
                         for n, layer in cross_attention_kv_layers(base.pipe.unet).items()}
@@ -68,18 +68,6 @@ class KVPreservation:
         if not terms:
             return torch.zeros((), device=self.gram.device)
         return self.weight * torch.stack(terms).mean()
-
-
-def prompt_gram(pipe, prompts: list[str]) -> torch.Tensor:
-    """M = C^T C / n (d_text, d_text) float64 over every position of every prompt, as the UNet reads them (the
-    merge's regularization Gram, merge/features.py, computed here without its cache: train/ does not import merge/)."""
-    gram, rows = None, 0
-    for start in range(0, len(prompts), BATCH_SIZE):
-        hidden = encode_text(pipe.tokenizer, pipe.text_encoder, prompts[start : start + BATCH_SIZE]).hidden
-        every = hidden.reshape(-1, hidden.shape[-1]).double().cpu()  # (b * 77, d_text)
-        gram = every.T @ every if gram is None else gram + every.T @ every
-        rows += every.shape[0]
-    return gram / rows
 
 
 class NoPreservation:
