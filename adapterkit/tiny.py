@@ -3,6 +3,13 @@
 Everything here is built locally: no hub access. The tokenizer is a real `CLIPTokenizer` over a small vocabulary
 written by `write_tiny_vocab`: whole words for common edit instructions (with the merges that build them), plus
 every byte-level character with and without the end-of-word marker, so any other text tokenizes character by character.
+
+Known flaw, kept: BPE applies merges by rank, and the merges of a longer word can pre-empt a shorter word's own
+("n o" from "noise" ranks before "s n", so "snow" comes out as s|no|w). 52 of the 187 words builtin:tiny v2 lists
+(`scripts/build_tiny_base.py vocabulary_words`) come out in pieces, e.g. derain (de|rain), color, sketch, from. The
+bundled base was trained on this tokenization, so it stays until the base is rebuilt (BPE merges learned from the
+word list, as a real BPE trainer does, would make every listed word whole). What it costs: phrasings give more
+constraint rows to a merge (merge/lsq.py, row budget).
 """
 
 from __future__ import annotations

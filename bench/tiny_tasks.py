@@ -91,8 +91,9 @@ def _score_rows(bank, task_key, examples, task, cfg, masks, base_kv=None) -> dic
     per_row = [psnr(o, e.target) for o, e in zip(outputs, examples)]
     row = {"psnr": float(np.mean(per_row)), "psnr_rows": [float(v) for v in per_row],
            "ssim": float(np.mean([ssim(o, e.target) for o, e in zip(outputs, examples)]))}
-    if task == "derain":
-        row["rain_psnr"] = float(np.mean([measures.masked_psnr(o, e.target, m) for o, e, m in zip(outputs, examples, masks)]))
+    if masks is not None:  # the task's own pixels (derain: the rain streaks; bench/fresh_tasks: desnow's flakes)
+        key = "rain_psnr" if task == "derain" else "mask_psnr"
+        row[key] = float(np.mean([measures.masked_psnr(o, e.target, m) for o, e, m in zip(outputs, examples, masks)]))
     if task == "cartoonize":
         row["outline_f1"] = float(np.mean([measures.outline_f1(o, e.target) for o, e in zip(outputs, examples)]))
     return row

@@ -155,13 +155,22 @@ def served(tmp_path_factory, tiny_base_dir):
     log.close()
 
 
-@pytest.fixture(scope="session")
-def tiny_tasks_bench():
-    """bench/tiny_tasks.py as a module (bench/ is not a package), for tests of its helpers."""
+def _bench_module(name: str):
+    """bench/NAME.py as a module (bench/ is not a package), for tests of its helpers."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "tiny_tasks.py")
-    spec = importlib.util.spec_from_file_location("bench_tiny_tasks", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks_bench():
+    return _bench_module("tiny_tasks")
+
+
+@pytest.fixture(scope="session")
+def fresh_tasks_bench():
+    return _bench_module("fresh_tasks")
