@@ -220,7 +220,11 @@ def import_command(folder, **options):
 @click.option("--prior", default="base", show_default=True, type=click.Choice(merge_methods.PRIORS),
               help="lsq: what K/V stay near where the instructions' rows say nothing: the base's (the paper), or the "
                    "sources' average (keeps more of each task, changes the base's other edits as much as --method linear).")
-@click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows) instead of full K/V.")
+@click.option("--max-rows", default=None, type=click.IntRange(1),
+              help="lsq: most constraint rows solved exactly; more are replaced by their top principal combinations "
+                   "(default: 3/8 of the text width, 96 on builtin:tiny, 288 on SD1.5; a number >= the rows keeps "
+                   "every row, as the paper).")
+@click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows, or --max-rows when they exceed it) instead of full K/V.")
 @click.option("--task", default=None, help="Task name of the merged adapter (default: the sources' names joined by '+').")
 @click.option("--fuse", is_flag=True, help="Also write a full diffusers pipeline with the merge baked in (needs --output-pipeline).")
 @click.option("--output-pipeline", default=None, type=click.Path(file_okay=False), help="Folder for the fused pipeline (with --fuse).")

@@ -71,15 +71,21 @@ def test_likely_lost_needs_a_prompt_residual_of_at_least_the_bases_and_above_ave
 def test_issue15_2_rows_equal_to_the_text_width_are_refused_naming_rows_and_fix(tiny_v1, tmp_path):
     a, b = pair(tiny_v1, 1, 3, other="lowlight")  # 4 + 28 = 32 rows of 32 (main: exit 0)
     folders = [save_adapter(x, str(tmp_path / x.task)) for x in (a, b)]
-    run = CliRunner().invoke(main, ["merge", *folders, "--base", TINY_V1, "--output", str(tmp_path / "m"), "--quiet"])
+    every_row = ["--max-rows", "32"]  # as the paper: no row budget
+    run = CliRunner().invoke(main, ["merge", *folders, "--base", TINY_V1, "--output", str(tmp_path / "m"), "--quiet", *every_row])
     assert run.exit_code == 2, run.output
     assert "32" in run.output and "derain 4" in run.output and "lowlight 28" in run.output and "--method lsq-soft" in run.output
+    assert "smaller --max-rows" in run.output
     assert not os.path.exists(tmp_path / "m")
+    # the default budget (3/8 of 32: 12 rows) solves the rows' top principal combinations instead, and says so
+    run = CliRunner().invoke(main, ["merge", *folders, "--base", TINY_V1, "--output", str(tmp_path / "m"), "--quiet"])
+    assert run.exit_code == 0, run.output
+    assert "constraint rows 32 of 32 text dims, solved as their top 12 principal combinations" in run.output
 
 
 def test_issue15_2_rows_near_the_text_width_warn(tiny_v1):
     a, b = pair(tiny_v1, 3, 3)  # 18 + 12 = 30 rows of 32
-    report = merge([a, b], tiny_v1, "lsq", quiet=True).report
+    report = merge([a, b], tiny_v1, "lsq", quiet=True, max_rows=32).report  # every row, as the paper
     assert report["constraint_rows"] == 30
     assert report["drift_ratio"] > 4.0
     assert any("30 constraint rows of 32" in w and "--method lsq-soft" in w for w in report["warnings"])

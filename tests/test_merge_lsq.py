@@ -14,7 +14,7 @@ import torch
 from adapterkit.adapters import Adapter, custom_diffusion
 from adapterkit.base import cross_attention_kv_layers
 from adapterkit.errors import AdapterkitError
-from adapterkit.merge import features, merge
+from adapterkit.merge import features, lsq, merge
 from adapterkit.testing import random_custom_diffusion, random_lora
 
 
@@ -31,6 +31,20 @@ def kv_weight(adapter: Adapter, base, name: str) -> torch.Tensor:
 def target_rows(base, instructions) -> torch.Tensor:
     feats = features.instruction_features(base, instructions)
     return torch.cat([feats[t] for t in instructions])
+
+
+def grouped_rows(base, adapters, base_kv) -> tuple[torch.Tensor, dict]:
+    """The merge's constraint rows (positions 1..EOS, shared rows grouped) and each K/V layer's targets R (d_out, m)."""
+    tasks = []
+    for adapter in adapters:
+        ordered = sorted(set(adapter.instructions))
+        feats = features.instruction_features(base, ordered)
+        rows = torch.cat([feats[t] for t in ordered])
+        deltas = adapter.delta_weights(base_kv, dtype=torch.float64)
+        texts = [t for t in ordered for _ in range(feats[t].shape[0])]
+        tasks.append(lsq.TaskRows(adapter.task, texts, rows, {n: d @ rows.T for n, d in deltas.items()}))
+    grouped = lsq.build_targets(tasks, "mean")
+    return grouped.rows, {n: lsq.layer_residual_targets(tasks, grouped, n, w.shape[0]) for n, w in base_kv.items()}
 
 
 @pytest.mark.parametrize("make", ["custom-diffusion", "lora"])
@@ -96,12 +110,42 @@ def test_too_many_constraint_rows_are_refused_with_the_fix(tiny_base):
     long = [f"make the {w} picture look like a {v} painting of the sky" for w, v in [("dark", "bright"), ("old", "new"), ("gray", "white")]]
     a = random_custom_diffusion(tiny_base, "style", seed=1, instructions=long)
     b = random_custom_diffusion(tiny_base, "derain", seed=2, instructions=["derain the image"])
-    with pytest.raises(AdapterkitError, match="lsq-soft"):
-        merge([a, b], tiny_base, "lsq")
+    with pytest.raises(AdapterkitError, match="smaller --max-rows, --method lsq-soft"):
+        merge([a, b], tiny_base, "lsq", max_rows=10_000)  # every row, as the paper: more rows than text dims
     soft = merge([a, b], tiny_base, "lsq-soft", target_weight=100.0)
     linear = merge([a, b], tiny_base, "linear")
     for s, l in zip(soft.report["tasks"], linear.report["tasks"]):
         assert s["residual"] < l["residual"]
+
+
+def test_rows_above_the_budget_are_solved_as_their_principal_combinations(tiny_base):
+    long = [f"make the {w} picture look like a {v} painting of the sky" for w, v in [("dark", "bright"), ("old", "new"), ("gray", "white")]]
+    a = random_custom_diffusion(tiny_base, "style", seed=1, instructions=long)
+    b = random_custom_diffusion(tiny_base, "derain", seed=2, instructions=["derain the image"])
+    result = merge([a, b], tiny_base, "lsq")  # the default budget: 3/8 of the text width
+    report, d_text = result.report, result.report["d_text"]
+    k = int(d_text * 3 / 8)
+    assert report["constraint_rows"] > d_text and report["principal_rows"] == k
+    assert 0.9 < report["principal_energy"] < 1.0
+    assert f"solved as their top {k} principal combinations" in result.table
+    # Exact on the kept combinations: with C = U S V^T (the grouped rows) and R the rows' targets, the merged update
+    # dW satisfies dW C^T U_k = R U_k, the least-squares fit of every row within the rows' top k directions.
+    base_kv = {n: layer.weight.detach().double() for n, layer in cross_attention_kv_layers(tiny_base.unet).items()}
+    grouped, wanted = grouped_rows(tiny_base, [a, b], base_kv)
+    rows, rotation, _ = lsq.principal_rows(grouped, k)
+    merged = result.adapter.delta_weights(base_kv, dtype=torch.float64)
+    for name in base_kv:
+        got, want = merged[name] @ rows.T, wanted[name] @ rotation
+        assert float((got - want).norm() / want.norm()) < 1e-4  # float32 file
+    # Rows within the budget are solved as they are: the same update bit for bit whatever budget covers them.
+    c = random_custom_diffusion(tiny_base, "cartoonize", seed=3, instructions=["cartoonize the photo"])
+    small = merge([b, c], tiny_base, "lsq").adapter.tensors
+    roomy = merge([b, c], tiny_base, "lsq", max_rows=d_text - 1).adapter.tensors
+    assert all(torch.equal(small[n], roomy[n]) for n in small)
+    with pytest.raises(AdapterkitError, match="--max-rows must be at least 1"):
+        merge([b, c], tiny_base, "lsq", max_rows=0)
+    with pytest.raises(AdapterkitError, match="--max-rows applies to exact least squares"):
+        merge([b, c], tiny_base, "linear", max_rows=4)
 
 
 def test_soft_merge_tends_to_the_exact_one(tiny_base):

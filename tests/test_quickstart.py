@@ -90,7 +90,9 @@ def test_default_lsq_merges_the_readme_adapters_on_builtin_tiny():
 
 
 def test_default_lsq_refusal_names_each_adapters_rows_and_the_fix():
-    """On a narrow text encoder (builtin:tiny v1, width 32) the same two adapters' 54 rows cannot all hold exactly."""
+    """On a narrow text encoder (builtin:tiny v1, width 32) the same two adapters' 54 rows cannot all hold exactly:
+    asked to keep every row (no row budget), the merge refuses naming each adapter's rows and the options that fix it;
+    by default it solves the rows' top 12 principal combinations (3/8 of 32) instead."""
     from adapterkit.base import load_base
     from adapterkit.errors import AdapterkitError
     from adapterkit.merge import merge
@@ -98,11 +100,13 @@ def test_default_lsq_refusal_names_each_adapters_rows_and_the_fix():
     base = load_base(TINY_V1)
     derain, cartoonize = _readme_pair(base)
     with pytest.raises(AdapterkitError) as refused:
-        merge([derain, cartoonize], base, "lsq")
+        merge([derain, cartoonize], base, "lsq", max_rows=1000)
     message = str(refused.value)
     assert "54 target token rows (derain 31 from 5 instructions, cartoonize 28 from 5 instructions;" in message
-    assert "only 32 dimensions" in message and "pass --method lsq-soft" in message
-    merge([derain, cartoonize], base, "lsq-soft")  # the option the message names does merge them
+    assert "only 32 dimensions" in message and "pass a smaller --max-rows, --method lsq-soft" in message
+    merge([derain, cartoonize], base, "lsq-soft")  # the options the message names do merge them
+    report = merge([derain, cartoonize], base, "lsq").report
+    assert report["constraint_rows"] == 54 and report["principal_rows"] == 12
 
 
 @pytest.mark.slow  # ~4 min on one thread; bench/quickstart.py measures both methods at full size

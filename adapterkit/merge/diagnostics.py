@@ -162,5 +162,5 @@ def warnings(report: dict, spec) -> list[str]:
         m, d = report.get("constraint_rows"), report.get("d_text")
         out.append(f"the merge changes K/V on ordinary prompts by {report['drift']:.1%}, {ratio:.1f}x what the sources' "
                    f"own changes add up to ({m} constraint rows of {d} text dims leave little room); use fewer or "
-                   "shorter instructions" + ("" if soft else ", or --method lsq-soft"))
+                   "shorter instructions" + ("" if soft else ", a smaller --max-rows, or --method lsq-soft"))
     return out

@@ -45,6 +45,13 @@ the soft objective sum_i ||W c - W_i c||^2; the result does not depend on the or
 (the reference code's): the first task in input order keeps the row, later ones lose it (order-dependent).
 Everything runs in float64.
 
+Row budget (issue 12; exact lsq). With m near d_text the constraints alone fix W on nearly every prompt: the merge
+then interpolates through its rows and moves K/V everywhere else (builtin:tiny, four tasks whose words the tiny
+vocabulary splits into characters: 245 rows of 256, K/V on ordinary prompts moved by 122%). Above `row_budget`
+rows (ROW_BUDGET_SHARE of d_text unless --max-rows says otherwise) the stacked rows C = U S V^T are replaced by
+their top k principal combinations C' = U_k^T C (k, d_text), with targets R U_k: the exact solve on them is the
+least-squares fit of every row within the k directions the rows use most, and B = R U_k L' (principal_rows).
+
 A task is given by its raw rows and its outputs there (`TaskRows`): from an adapter, dW_i C_i^T; from a merged
 adapter that stored them (incremental.py), the stored values. Grouping near-equal rows sorts them along one
 direction and compares neighbours only: O(R) memory and O(R log R) time for R raw rows.
@@ -57,7 +64,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdapterkitError
-from .methods import DEFAULT_RIDGE, DEFAULT_TARGET_WEIGHT  # noqa: F401  (defaults live with the options)
+from .methods import DEFAULT_RIDGE, DEFAULT_TARGET_WEIGHT, ROW_BUDGET_SHARE  # noqa: F401  (defaults live with the options)
 
 MAX_CONDITION = 1e10  # of D C^T: beyond this float64 loses the 1e-6 accuracy the exact solve promises
 SHARED_ROW_TOLERANCE = 1e-6  # rows closer than this (relative) are the same token in the same causal context
@@ -199,7 +206,8 @@ def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFA
         each = f" ({brought}; a row shared by several tasks counts once)" if brought else ""
         raise AdapterkitError(
             f"{m} target token rows{each} but the text features have only {d_text} dimensions: exact lsq needs fewer "
-            "rows than dimensions (with m >= d the rows alone fix K/V on every prompt); pass --method lsq-soft (the "
+            "rows than dimensions (with m >= d the rows alone fix K/V on every prompt); pass a smaller --max-rows, "
+            "--method lsq-soft (the "
             f"soft form, always solvable), or merge adapters that store fewer or shorter instructions (fewer than "
             f"{d_text} rows in all)"
         )
@@ -216,6 +224,25 @@ def exact_projection(gram: torch.Tensor, rows: torch.Tensor, ridge: float = DEFA
             "lsq-soft, or fewer instructions"
         )
     return torch.linalg.inv(k), d, condition
+
+
+def row_budget(d_text: int, max_rows: int | None = None) -> int:
+    """Most constraint rows exact lsq solves as they are: `max_rows`, or ROW_BUDGET_SHARE of the text width."""
+    return int(max_rows) if max_rows is not None else max(1, int(d_text * ROW_BUDGET_SHARE))
+
+
+def principal_rows(rows: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(rows to solve (k, d_text), rotation U_k (m, k) or None, share of the rows' energy kept).
+
+    Up to `budget` rows: the rows themselves (no rotation). Beyond: C' = U_k^T C = S_k V_k^T, the rows' top k =
+    `budget` principal combinations; the caller maps the solve back with left = U_k L' (module docstring)."""
+    m = rows.shape[0]
+    if m <= budget:
+        return rows, None, 1.0
+    u, s, _ = torch.linalg.svd(rows, full_matrices=False)  # rows (m, d_text) = U S V^T
+    rotation = u[:, :budget]  # (m, k)
+    energy = float((s[:budget] ** 2).sum() / (s**2).sum())
+    return rotation.T @ rows, rotation, energy
 
 
 DUAL_SOFT_MAX_ROWS = 2048  # lsq-soft solves in the m x m (dual) form up to this many rows, else in d_text x d_text

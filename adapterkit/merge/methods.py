@@ -28,6 +28,14 @@ OTHER_MODULE_METHODS = ("linear", "sum")  # lsq: how LoRA modules outside attn2 
 # lsq: the K/V the merge keeps where the constraints say nothing: the base's (the paper), or the sources' average
 # (what --method linear gives), corrected so every constraint still holds (lsq.py).
 PRIORS = ("base", "average")
+# Exact lsq keeps at most this share of the text width as constraints (--max-rows overrides). Beyond it the rows are
+# replaced by their top principal combinations (lsq.principal_rows): with m near d_text the constraints alone fix K/V
+# on nearly every prompt. builtin:tiny (d_text 256, validation rows): four fresh tasks (bench/fresh_tasks.py, 245
+# rows; their words outside the tiny vocabulary go by characters) kept -176 / 93 / 68 / 1% with every row, the base's
+# general edits -15..-24 dB; at 96 rows 25 / 86 / 91 / 91% and -0.7..-3.1 dB. The demo's four (156 rows): 101 / 80
+# / 73 / 98% with every row, 98 / 112 / 72 / 99% at 96, general edits -2.6..-6.6 dB -> -0.5..-2.9. At 128 and 160
+# rows the fresh four lost -1.7..-10 dB on general edits. Two tasks on builtin:tiny bring 77-107 rows: one of them was changed (fresh, 107 -> 96).
+ROW_BUDGET_SHARE = 3 / 8
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class MergeMethod:
 
 METHODS = {m.name: m for m in (
     MergeMethod("lsq", "lsq", "constrained least squares on K/V: each task's instructions give its targets exactly",
-                ("ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior"), exact=True),
+                ("ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior", "max_rows"), exact=True),
     MergeMethod("lsq-soft", "lsq", "least squares with the targets weighted by target_weight instead of exact",
                 ("target_weight", "ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior")),
     MergeMethod("sum", "baseline", "task arithmetic: sum of weighted deltas", ("weights",)),
@@ -69,6 +77,7 @@ class MergeOptions:
     shared_rows: str = "mean"  # lsq: target of a row several tasks share (SHARED_ROWS)
     other_modules: str = "linear"  # lsq: merge rule for LoRA modules outside attn2 K/V (OTHER_MODULE_METHODS)
     prior: str = "base"  # lsq: what the solution stays near off the constraints (PRIORS)
+    max_rows: int | None = None  # lsq: most constraint rows solved exactly (None: ROW_BUDGET_SHARE of the text width)
     as_lora: bool = False  # write a LoRA instead of full K/V
 
 
@@ -96,6 +105,10 @@ def check_options(name: str, options: MergeOptions, count: int | None = None) ->
     if options.prior != "base" and "prior" not in method.reads:
         raise AdapterkitError(f"--prior applies to least squares (lsq, lsq-soft), not to --method {name}; "
                               "--method linear is already the sources' average")
+    if options.max_rows is not None and "max_rows" not in method.reads:
+        raise AdapterkitError(f"--max-rows applies to exact least squares (--method lsq), not to --method {name}")
+    if options.max_rows is not None and options.max_rows < 1:
+        raise AdapterkitError(f"--max-rows must be at least 1, got {options.max_rows}")
     if "rank" in method.reads and (options.rank is None or options.rank < 1):
         raise AdapterkitError(f"--method {name} needs --rank R (R >= 1): the rank the exact sum is truncated to")
     if "density" in method.reads and not 0.0 < options.density <= 1.0:

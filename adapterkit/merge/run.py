@@ -77,6 +77,7 @@ def merge(
     probe_instructions: str | dict | None = None,
     other_modules: str = "linear",
     prior: str = "base",
+    max_rows: int | None = None,
     as_lora: bool = False,
     task: str | None = None,
     output_pipeline: str | None = None,
@@ -86,12 +87,11 @@ def merge(
     """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base); the options are
     MergeOptions' (methods.py), plus reg_prompts (a file or a list; built-in set when None; "" always added),
     probe_instructions ({task: [text]} or a file, diagnostics.py) and output_pipeline (the base with the merge fused
-    in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py).
-    """
+    in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py)."""
     start = time.perf_counter()
     options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight, ridge=ridge,
                            positions=positions, reg_positions=reg_positions, shared_rows=shared_rows,
-                           other_modules=other_modules, prior=prior, as_lora=as_lora)
+                           other_modules=other_modules, prior=prior, max_rows=max_rows, as_lora=as_lora)
     spec = check_options(method, options, count=len(adapters) or None)  # every option checked before any work
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
@@ -235,8 +235,7 @@ def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptio
 def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, gram):
     """(K/V deltas, K/V factors or None, other modules' deltas, solve info) of the merge `spec` with `options`."""
     if spec.family == "lsq":
-        updates, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options.ridge, options.target_weight,
-                                         options.prior)
+        updates, solve_info = _solve_lsq(spec.exact, inputs, targets, gram, options)
         if options.prior == "base":  # rank-m factors (B, A), which --as-lora writes exactly
             kv_factors, kv_deltas = updates, {name: b @ a for name, (b, a) in updates.items()}
         else:  # dense updates (lsq.solve_layer_near); --as-lora factors them by SVD
@@ -250,9 +249,11 @@ def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, g
     return kv_deltas, None, other, {}
 
 
-def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, target_weight, prior: str = "base"):
-    """Shared factors once, then per layer B = R L and A: {layer: (B (d_out, m), A (m, d_text))}; with prior
-    "average", {layer: dense update (d_out, d_text)} near the inputs' average K/V delta (lsq.py)."""
+def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, options: MergeOptions):
+    """Shared factors once, then per layer B = R L and A: {layer: (B (d_out, k), A (k, d_text))}, k the constraint
+    rows (or their principal combinations above the row budget); with prior "average", {layer: dense update
+    (d_out, d_text)} near the inputs' average K/V delta (lsq.py)."""
+    ridge, prior = options.ridge, options.prior
     missing = [t.task for t in inputs.tasks if t.rows.shape[0] == 0]
     if missing:
         raise AdapterkitError(
@@ -265,11 +266,15 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, ridge, 
     if exact:
         brought = ", ".join(f"{t.task} {t.rows.shape[0]} from {len(set(t.texts))} instruction{'s' * (len(set(t.texts)) != 1)}"
                             for t in inputs.tasks)
-        left, right, condition = lsq.exact_projection(gram, targets.rows, ridge, brought)
+        rows, rotation, energy = lsq.principal_rows(targets.rows, lsq.row_budget(d_text, options.max_rows))
+        left, right, condition = lsq.exact_projection(gram, rows, ridge, brought)
+        if rotation is not None:  # B = R U_k L': the solve on the rows' top principal combinations
+            left = rotation @ left
+            info["principal_rows"], info["principal_energy"] = int(rows.shape[0]), energy
         info["condition_number"] = condition
     else:
-        left, right = lsq.soft_projection(gram, targets.rows, targets.weights, target_weight, ridge)
-        info["target_weight"] = target_weight
+        left, right = lsq.soft_projection(gram, targets.rows, targets.weights, options.target_weight, ridge)
+        info["target_weight"] = options.target_weight
         info["condition_number"] = None
     info["prior"] = prior
     # The prior update: --method linear's own average of the inputs' K/V deltas (a merged input counts once).
