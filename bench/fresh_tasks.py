@@ -159,23 +159,12 @@ def _score(bank, key, rows, cfg) -> dict:
     return tiny_tasks._score_rows(bank, key, rows, None, cfg, masks)
 
 
-def _with_retention(scores: dict, adapter_key: str) -> dict:
-    a, b = scores[adapter_key]["psnr_rows"], scores["base"]["psnr_rows"]
-    for column, s in scores.items():
-        if column.startswith(("lsq", "linear")):
-            s["retention"] = tiny_tasks._retention(s["psnr_rows"], a, b)
-            s["retention_note"] = tiny_tasks._retention_note(a, b)
-            s["retention_95"] = tiny_tasks._retention_interval(s["psnr_rows"], a, b)
-    return scores
-
-
 def run(names: list[str], rows: int, steps: int | None, base_name: str, work: str, quiet: bool) -> dict:
     from adapterkit import AdapterBank, load_base, merge
     from adapterkit.errors import AdapterkitError
 
     base = load_base(base_name)
-    cfg = {"steps": int(base.info.get("default_steps", 20)), "guidance": float(base.info.get("default_guidance", 7.0)),
-           "image_guidance": float(base.info.get("default_image_guidance", 1.5))}
+    cfg = base.sampler().options()  # the base's recorded steps and guidance, as eval and edit use them
     adapters, seconds = {}, {}
     for task in names:
         data = write_dataset(task, os.path.join(work, f"{task}-train"), 256, base.resolution)
@@ -211,7 +200,8 @@ def run(names: list[str], rows: int, steps: int | None, base_name: str, work: st
                 columns |= {label: adapters[f"{task}/{label}"].task for label in (OTHER_METHOD[first], f"{first} kv0")}
             columns |= {k: k for k, (_, members, _) in merged.items() if task in members}
             scores = {c: _score(bank, key, examples, cfg) for c, key in columns.items()}
-            table[f"{task}/{phrasing}"] = _with_retention(scores, first)
+            merges = [c for c in scores if c.startswith(("lsq", "linear"))]
+            table[f"{task}/{phrasing}"] = tiny_tasks.add_retention(scores, first, merges)
     bank.close()
     routing = _routing(base, [adapters[f"{t}/{FRESH[t][1]}"] for t in names])
     merges = {k: {key: r.get(key) for key in ("positions", "constraint_rows", "principal_rows", "principal_energy", "drift",

@@ -133,6 +133,17 @@ def _retention_interval(merged: list, adapter: list, base: list, draws: int = 20
     return [float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))]
 
 
+def add_retention(scores: dict, adapter: str, columns: list[str]) -> dict:
+    """Give each of `columns` its retention of the `adapter` column's gain over "base", the reason when that means
+    nothing, and its 95% interval; returns `scores`."""
+    a, b = scores[adapter]["psnr_rows"], scores["base"]["psnr_rows"]
+    for column in columns:
+        s = scores[column]
+        s["retention"], s["retention_note"] = _retention(s["psnr_rows"], a, b), _retention_note(a, b)
+        s["retention_95"] = _retention_interval(s["psnr_rows"], a, b)
+    return scores
+
+
 def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str, work: str, quiet: bool) -> dict:
     from adapterkit import AdapterBank, load_base, merge
     from adapterkit.demo import tasks
@@ -140,8 +151,7 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
     from adapterkit.errors import AdapterkitError
 
     base = load_base(base_name)
-    cfg = {"steps": int(base.info.get("default_steps", 20)), "guidance": float(base.info.get("default_guidance", 7.0)),
-           "image_guidance": float(base.info.get("default_image_guidance", 1.5))}
+    cfg = base.sampler().options()  # the base's recorded steps and guidance, as eval and edit use them
     timings, adapters = {}, {}
     for task in tasks_:
         start = time.perf_counter()
@@ -173,14 +183,7 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
             columns = {"base": None, "adapter": task} | {k: k for k, (_, names) in merged.items() if task in names}
             scores = {c: _score_rows(bank, key, examples, task, cfg, masks) for c, key in columns.items()}
             scores["text-only"] = _score_rows(bank, task, examples, task, cfg, masks, base_kv)
-            for c in list(scores):
-                if c not in ("base", "adapter"):
-                    scores[c]["retention"] = _retention(scores[c]["psnr_rows"], scores["adapter"]["psnr_rows"],
-                                                        scores["base"]["psnr_rows"])
-                    scores[c]["retention_note"] = _retention_note(scores["adapter"]["psnr_rows"], scores["base"]["psnr_rows"])
-                    scores[c]["retention_95"] = _retention_interval(scores[c]["psnr_rows"], scores["adapter"]["psnr_rows"],
-                                                                    scores["base"]["psnr_rows"])
-            table[f"{task}/{phrasing}"] = scores
+            table[f"{task}/{phrasing}"] = add_retention(scores, "adapter", [c for c in scores if c not in ("base", "adapter")])
     general = {}  # the merges' cost: PSNR change of general edits (8 held-out rows each) with the merge active
     for edit in GENERAL_PROBES:
         examples = tasks.make_examples(edit, 8, resolution=base.resolution, split="eval")

@@ -71,9 +71,8 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
 
     started = time.perf_counter()
     base = load_base(settings.base)
-    steps = settings.inference_steps or int(base.info.get("default_steps", 20))
-    guidance = {"guidance": float(base.info.get("default_guidance", 7.0)),
-                "image_guidance": float(base.info.get("default_image_guidance", 1.5))}
+    sampler = base.sampler(steps=settings.inference_steps or None)  # the base's recorded settings (base.py)
+    steps, guidance = sampler.steps, {"guidance": sampler.guidance, "image_guidance": sampler.image_guidance}
     phases = {}
 
     def timed(name, fn, *args):
