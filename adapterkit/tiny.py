@@ -4,16 +4,19 @@ Everything here is built locally: no hub access. The tokenizer is a real `CLIPTo
 written by `write_tiny_vocab`: whole words for common edit instructions (with the merges that build them), plus
 every byte-level character with and without the end-of-word marker, so any other text tokenizes character by character.
 
-Known flaw, kept: BPE applies merges by rank, and the merges of a longer word can pre-empt a shorter word's own
-("n o" from "noise" ranks before "s n", so "snow" comes out as s|no|w). 52 of the 187 words builtin:tiny v2 lists
-(`scripts/build_tiny_base.py vocabulary_words`) come out in pieces, e.g. derain (de|rain), color, sketch, from. The
-bundled base was trained on this tokenization, so it stays until the base is rebuilt (BPE merges learned from the
-word list, as a real BPE trainer does, would make every listed word whole). What it costs: phrasings give more
-constraint rows to a merge (merge/lsq.py, row budget).
+Known flaw of these "ranked" merges, kept for what was built with them: BPE applies merges by rank, and the merges
+of a longer word can pre-empt a shorter word's own ("n o" from "noise" ranks before "s n", so "snow" comes out as
+s|no|w). 52 of the 187 words builtin:tiny v2 lists (`scripts/build_tiny_base.py vocabulary_words`) come out in
+pieces, e.g. derain (de|rain), color, sketch, from. The bundled base was trained on this tokenization, so it stays
+until the base is rebuilt. `merges="learned"` is the fix for that rebuild: the merges are learned from the word list
+by BPE training (most frequent pair first), as a real CLIP vocabulary's were, and every listed word comes out whole
+(tests/test_tiny_tokenizer.py). What the flaw costs: phrasings give more constraint rows to a merge (merge/lsq.py,
+row budget).
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import tempfile
@@ -24,6 +27,7 @@ from .compat import quiet_library_logs
 
 quiet_library_logs()  # before any pipeline is built (compat.py)
 
+EOW = "</w>"  # CLIP's end-of-word marker
 # Words that get their own token; anything else falls back to characters. Order fixes the token ids.
 TINY_WORDS = (
     "a an the it this that image photo picture of and to in with more less make turn into add remove "
@@ -53,10 +57,10 @@ def tiny_vocab_and_merges(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str
     """
     tokens: list[str] = []
     for ch in _byte_chars():
-        tokens += [ch, ch + "</w>"]
+        tokens += [ch, ch + EOW]
     merges: list[str] = []
     for word in sorted(words, key=len, reverse=True):  # longest first: their merges rank first
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = list(word[:-1]) + [word[-1] + EOW]
         prefix = pieces[0]
         for piece in pieces[1:]:
             merges.append(f"{prefix} {piece}")
@@ -66,10 +70,74 @@ def tiny_vocab_and_merges(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, list(dict.fromkeys(merges))
 
 
-def write_tiny_vocab(folder: str, words: tuple[str, ...] = TINY_WORDS) -> tuple[str, str]:
-    """Write vocab.json and merges.txt into `folder`; return their paths."""
+def learned_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """Token -> id, and BPE merges learned from `words` (each counted once) until every word is one token.
+
+    BPE training: merge the most frequent adjacent pair (ties: the lexicographically smallest, so a build is
+    reproducible; the `tokenizers` trainer breaks ties in hash-map order and gave different ids run to run), in
+    every word, and repeat. Merges so learned rank as a real BPE vocabulary's do, and replaying them by rank, as
+    CLIPTokenizer does, rebuilds each training word whole. Ids as in `tiny_vocab_and_merges`: the byte-level
+    characters (with and without the end-of-word marker), one token per merge in rank order, the special tokens.
+    """
+    unique = list(dict.fromkeys(w.lower() for w in words if w))
+    # CLIPTokenizer maps other characters to their UTF-8 bytes before BPE, so merges learned on them would never apply.
+    if any(not "!" <= ch <= "~" for w in unique for ch in w):
+        raise ValueError("learned merges take words of printable ASCII characters without spaces (e.g. plain lowercase words)")
+    seqs = [list(w[:-1]) + [w[-1] + EOW] for w in unique]
+    counts: dict[tuple[str, str], int] = {}
+    holders: dict[tuple[str, str], set[int]] = {}  # pair -> words that held it (may hold stale entries)
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            counts[pair] = counts.get(pair, 0) + 1
+            holders.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+    merges: list[str] = []
+    while heap:
+        negative, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -negative or negative == 0:  # an outdated entry: a fresher one is in the heap
+            continue
+        merges.append(f"{pair[0]} {pair[1]}")
+        touched = set()
+        for i in sorted(holders.pop(pair, ())):
+            old = seqs[i]
+            new, j = [], 0
+            while j < len(old):
+                if j + 1 < len(old) and (old[j], old[j + 1]) == pair:
+                    new.append(old[j] + old[j + 1])
+                    j += 2
+                else:
+                    new.append(old[j])
+                    j += 1
+            for p in zip(old, old[1:]):
+                counts[p] -= 1
+                touched.add(p)
+            for p in zip(new, new[1:]):
+                counts[p] = counts.get(p, 0) + 1
+                holders.setdefault(p, set()).add(i)
+                touched.add(p)
+            seqs[i] = new
+        counts.pop(pair, None)
+        for p in touched - {pair}:
+            if counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-counts[p], p))
+    tokens: list[str] = []
+    for ch in _byte_chars():
+        tokens += [ch, ch + EOW]
+    tokens += [merge.replace(" ", "") for merge in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+
+
+MERGE_RULES = {"ranked": tiny_vocab_and_merges, "learned": learned_vocab_and_merges}
+
+
+def write_tiny_vocab(folder: str, words: tuple[str, ...] = TINY_WORDS, merges: str = "ranked") -> tuple[str, str]:
+    """Write vocab.json and merges.txt into `folder`; return their paths. `merges`: "ranked" (each word's merges
+    left to right, longest word first: what builtin:tiny v1 and v2 were built with) or "learned" (every word whole)."""
+    if merges not in MERGE_RULES:
+        raise ValueError(f"unknown merges rule {merges!r}; use one of {', '.join(MERGE_RULES)}")
     os.makedirs(folder, exist_ok=True)
-    vocab, merges = tiny_vocab_and_merges(words)
+    vocab, merges = MERGE_RULES[merges](words)
     vocab_path = os.path.join(folder, "vocab.json")
     merges_path = os.path.join(folder, "merges.txt")
     with open(vocab_path, "w", encoding="utf-8") as f:
@@ -79,12 +147,13 @@ def write_tiny_vocab(folder: str, words: tuple[str, ...] = TINY_WORDS) -> tuple[
     return vocab_path, merges_path
 
 
-def make_tiny_tokenizer(words: tuple[str, ...] = TINY_WORDS):
-    """A CLIPTokenizer whose whole-word tokens are `words` (default TINY_WORDS); other text goes by characters."""
+def make_tiny_tokenizer(words: tuple[str, ...] = TINY_WORDS, merges: str = "ranked"):
+    """A CLIPTokenizer over `words` (default TINY_WORDS) and the byte-level characters: other text goes by
+    characters. With merges="learned" every one of `words` is one token; "ranked" splits some (module docstring)."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_path, merges_path = write_tiny_vocab(tmp, words)
+        vocab_path, merges_path = write_tiny_vocab(tmp, words, merges)
         return CLIPTokenizer(vocab_path, merges_path, model_max_length=77)
 
 

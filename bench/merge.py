@@ -11,7 +11,7 @@ each task, on tiny bases with 32- and 128-dim text features, with two kinds of s
 K/V noise, and changes along the task's own instruction features only (how gradient training moves K/V). This is
 the measurement behind the choice of target token positions (features.py).
 
-many: 8 tasks merged at once, on the bundled base builtin:tiny v1 (8 demo tasks, one stored phrasing each,
+many: 8 tasks merged at once, on the bundled base builtin:tiny (v2; 8 demo tasks, one stored phrasing each,
 training-like adapters; their never-stored phrasings as probes) and on the SD1.5-sized base (8 random Custom
 Diffusion adapters, two instructions each): time, peak memory (RSS growth of a child process per merge), per-task
 residual on the written file, prompt residual and probe retention, drift ratio, warnings. `--reg-limit N` uses the

@@ -76,6 +76,11 @@ class BuildConfig:
     unet_widths: str = "64,64,128"
     attention_heads: int = 1  # per transformer block: head dims 32/64/128 (SD1.5: 8 heads of 40/80/160); 4 heads ran 1.3x slower
     text_width: int = 256  # CLIP text hidden size = the UNet's cross_attention_dim (exact lsq needs rows <= this)
+    # Tokenizer (TOKENIZERS): "v2" is what builtin:tiny v1 and v2 were built with, ranked merges over
+    # vocabulary_words() that split 52 of its 187 words (adapterkit/tiny.py); "v3" learns the merges from those words
+    # plus every word of the merge's regularization prompts (2783 tokens, every listed word whole), so the stored
+    # phrasings of bench/fresh_tasks.py give 25-30 rows up to EOS per task instead of 40-63. Not built yet (session 16).
+    tokenizer: str = "v2"
     pool_size: int = 2000  # clean training pictures (each seen with every general edit)
     # Share of UNet training rows whose input is already edited: input g1(x), target g2(g1(x)) for general edits g1
     # (one per picture, drawn with the seed) and g2. A real IP2P sees varied photographs as inputs, not only clean
@@ -199,15 +204,31 @@ def build_source_bank(path: str = tasks.source_bank_path()) -> str:
 # ---------------------------------------------------------------- models
 
 
-def vocabulary_words() -> tuple[str, ...]:
+def vocabulary_words(tokenizer: str = "v2") -> tuple[str, ...]:
     """Whole-word tokens of the bundled tokenizer: adapterkit's tiny words plus every word of every task's phrasings
-    and the probe texts (a real CLIP vocabulary holds all of them; words of held-out tasks stay untrained)."""
+    and the probe texts (a real CLIP vocabulary holds all of them; words of held-out tasks stay untrained); "v3" adds
+    every word of the merge's regularization prompts (captions and edit instructions of many kinds)."""
+    from adapterkit.adapters.routing import read_background, words as split_words
     from adapterkit.tiny import TINY_WORDS
 
     texts = [p for t in tasks.TASKS.values() for p in t.instructions + t.unseen_instructions]
     texts += list(tasks.UNRELATED_INSTRUCTIONS)
     words = list(TINY_WORDS) + [w for text in texts for w in text.lower().split()]
+    if tokenizer == "v3":
+        words += [w for text in read_background() for w in split_words(text)]
     return tuple(dict.fromkeys(words))
+
+
+# Tokenizer version -> the merges rule of adapterkit.tiny.make_tiny_tokenizer (BuildConfig.tokenizer).
+TOKENIZERS = {"v2": "ranked", "v3": "learned"}
+
+
+def make_tokenizer(cfg: BuildConfig):
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"--tokenizer takes one of {', '.join(TOKENIZERS)} (got {cfg.tokenizer!r})")
+    from adapterkit.tiny import make_tiny_tokenizer
+
+    return make_tiny_tokenizer(vocabulary_words(cfg.tokenizer), TOKENIZERS[cfg.tokenizer])
 
 
 def unet_widths(cfg: BuildConfig) -> tuple[int, ...]:
@@ -230,10 +251,8 @@ def make_models(cfg: BuildConfig):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from adapterkit.tiny import make_tiny_tokenizer
-
     torch.manual_seed(cfg.seed)
-    tokenizer = make_tiny_tokenizer(vocabulary_words())
+    tokenizer = make_tokenizer(cfg)
     vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=cfg.text_width, intermediate_size=2 * cfg.text_width, num_hidden_layers=2, num_attention_heads=4,

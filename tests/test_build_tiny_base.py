@@ -115,3 +115,21 @@ def test_build_trains_with_deterministic_algorithms_and_restores_the_setting(bui
     build_script.build(cfg, str(tmp_path / "base"), quiet=True)
     assert seen == [True]
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+
+
+def test_tokenizer_v2_is_the_bundled_one_and_v3_keeps_every_listed_word_whole(build_script):
+    """The build's default tokenizer must reproduce builtin:tiny's own (the weights were trained on its ids); "v3"
+    (learned merges, adapterkit/tiny.py) is the fix for the next rebuild: no listed word in pieces."""
+    from adapterkit.base import load_base
+
+    bundled = load_base("builtin:tiny").pipe.tokenizer
+    v2 = build_script.make_tokenizer(build_script.BuildConfig())
+    assert v2.get_vocab() == bundled.get_vocab()
+    words = build_script.vocabulary_words()
+    assert sum(len(v2.tokenize(w)) > 1 for w in words) == 52  # the known flaw: derain = de|rain, snow = s|no|w, ...
+    v3 = build_script.make_tokenizer(build_script.BuildConfig(tokenizer="v3"))
+    v3_words = build_script.vocabulary_words("v3")
+    assert set(words) < set(v3_words) and not [w for w in v3_words if len(v3.tokenize(w)) > 1]
+    assert v3.tokenize("remove the snow") == ["remove</w>", "the</w>", "snow</w>"]
+    with pytest.raises(ValueError, match="--tokenizer takes one of v2, v3"):
+        build_script.make_tokenizer(build_script.BuildConfig(tokenizer="v4"))
