@@ -33,18 +33,28 @@ def target_rows(base, instructions) -> torch.Tensor:
     return torch.cat([feats[t] for t in instructions])
 
 
-def grouped_rows(base, adapters, base_kv) -> tuple[torch.Tensor, dict]:
-    """The merge's constraint rows (positions 1..EOS, shared rows grouped) and each K/V layer's targets R (d_out, m)."""
+def task_rows(base, adapters, base_kv, scales=None) -> list[lsq.TaskRows]:
+    """Each adapter's constraint rows (positions 1..EOS) and its targets on them, times `scales` (per adapter)."""
     tasks = []
-    for adapter in adapters:
+    for i, adapter in enumerate(adapters):
         ordered = sorted(set(adapter.instructions))
         feats = features.instruction_features(base, ordered)
         rows = torch.cat([feats[t] for t in ordered])
         deltas = adapter.delta_weights(base_kv, dtype=torch.float64)
         texts = [t for t in ordered for _ in range(feats[t].shape[0])]
-        tasks.append(lsq.TaskRows(adapter.task, texts, rows, {n: d @ rows.T for n, d in deltas.items()}))
+        scale = 1.0 if scales is None else scales[i]
+        tasks.append(lsq.TaskRows(adapter.task, texts, rows, {n: scale * d @ rows.T for n, d in deltas.items()}))
+    return tasks
+
+
+def grouped_rows(base, adapters, base_kv) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The merge's constraint rows (shared rows grouped), each K/V layer's targets R (d_out, m) and the task balance
+    the merge chooses principal combinations with."""
+    tasks = task_rows(base, adapters, base_kv)
     grouped = lsq.build_targets(tasks, "mean")
-    return grouped.rows, {n: lsq.layer_residual_targets(tasks, grouped, n, w.shape[0]) for n, w in base_kv.items()}
+    layers = {n: w.shape[0] for n, w in base_kv.items()}
+    return (grouped.rows, {n: lsq.layer_residual_targets(tasks, grouped, n, d) for n, d in layers.items()},
+            lsq.task_balance(tasks, grouped, layers))
 
 
 @pytest.mark.parametrize("make", ["custom-diffusion", "lora"])
@@ -128,11 +138,11 @@ def test_rows_above_the_budget_are_solved_as_their_principal_combinations(tiny_b
     assert report["constraint_rows"] > d_text and report["principal_rows"] == k
     assert 0.9 < report["principal_energy"] < 1.0
     assert f"solved as their top {k} principal combinations" in result.table
-    # Exact on the kept combinations: with C = U S V^T (the grouped rows) and R the rows' targets, the merged update
-    # dW satisfies dW C^T U_k = R U_k, the least-squares fit of every row within the rows' top k directions.
+    # Exact on the kept combinations: with U_k the top k left singular vectors of the task-balanced rows and R the
+    # rows' targets, the merged update dW satisfies dW C^T U_k = R U_k.
     base_kv = {n: layer.weight.detach().double() for n, layer in cross_attention_kv_layers(tiny_base.unet).items()}
-    grouped, wanted = grouped_rows(tiny_base, [a, b], base_kv)
-    rows, rotation, _ = lsq.principal_rows(grouped, k)
+    grouped, wanted, balance = grouped_rows(tiny_base, [a, b], base_kv)
+    rows, rotation, _ = lsq.principal_rows(grouped, k, balance)
     merged = result.adapter.delta_weights(base_kv, dtype=torch.float64)
     for name in base_kv:
         got, want = merged[name] @ rows.T, wanted[name] @ rotation
@@ -146,6 +156,41 @@ def test_rows_above_the_budget_are_solved_as_their_principal_combinations(tiny_b
         merge([b, c], tiny_base, "lsq", max_rows=0)
     with pytest.raises(AdapterkitError, match="--max-rows applies to exact least squares"):
         merge([b, c], tiny_base, "linear", max_rows=4)
+
+
+def test_the_budget_balances_tasks_so_a_weak_adapter_keeps_its_rows(tiny_base):
+    """Principal combinations chosen by the rows' energy alone favour no task; weighting each task's rows by
+    1 / sqrt(its targets' energy) keeps a task whose adapter moves K/V 20x less than the other's (issue 12: denoise
+    among the demo's four tasks) from losing its fit to the strong one."""
+    long = [f"make the {w} picture look like a {v} painting of the sky" for w, v in [("dark", "bright"), ("old", "new")]]
+    strong = random_custom_diffusion(tiny_base, "style", seed=1, instructions=long)
+    weak = random_lora(tiny_base, "derain", seed=2, instructions=["derain the image", "remove the rain from the photo"])
+    base_kv = {n: layer.weight.detach().double() for n, layer in cross_attention_kv_layers(tiny_base.unet).items()}
+    layers = {n: w.shape[0] for n, w in base_kv.items()}
+    tasks = task_rows(tiny_base, [strong, weak], base_kv, scales=[1.0, 0.05])
+    grouped = lsq.build_targets(tasks, "mean")
+    balance = lsq.task_balance(tasks, grouped, layers)
+    assert float(balance[grouped.columns(1, own=True)].min()) > 3 * float(balance[grouped.columns(0, own=True)].max())
+    gram = torch.eye(grouped.rows.shape[1], dtype=torch.float64)
+    k = grouped.rows.shape[0] // 2
+
+    def relative_residuals(weights):
+        rows, rotation, _ = lsq.principal_rows(grouped.rows, k, weights)
+        left, right, _ = lsq.exact_projection(gram, rows)
+        out = []
+        for i, task in enumerate(tasks):
+            own = grouped.columns(i, own=True)
+            err = want = 0.0
+            for name, d_out in layers.items():
+                r = lsq.layer_residual_targets(tasks, grouped, name, d_out)
+                b, a = lsq.solve_layer(tasks, grouped, rotation @ left, right, name, d_out)
+                err += float(((b @ a @ grouped.rows.T - r)[:, own] ** 2).sum())
+                want += float((r[:, own] ** 2).sum())
+            out.append((err / want) ** 0.5)
+        return out
+
+    plain, balanced = relative_residuals(None), relative_residuals(balance)
+    assert balanced[1] < 0.5 * plain[1] and max(balanced) < max(plain), (plain, balanced)
 
 
 def test_soft_merge_tends_to_the_exact_one(tiny_base):

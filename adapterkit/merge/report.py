@@ -117,7 +117,7 @@ def format_table(report: dict) -> str:
     if report.get("constraint_rows") is not None:
         cond = report.get("condition_number")
         lines.append(f"constraint rows {report['constraint_rows']} of {report['d_text']} text dims"
-                     + (f", solved as their top {report['principal_rows']} principal combinations "
+                     + (f", solved as their top {report['principal_rows']} principal combinations, tasks balanced "
                         f"({report['principal_energy']:.4%} of the rows' energy; --max-rows)" if report.get("principal_rows") else "")
                      + (f", cond(D C^T) {cond:.2e}" if cond is not None else "")
                      + (f", target weight {report['target_weight']:g} (unnormalised {report['target_weight_unnormalised']:.3g})"

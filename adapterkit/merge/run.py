@@ -266,7 +266,10 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, options
     if exact:
         brought = ", ".join(f"{t.task} {t.rows.shape[0]} from {len(set(t.texts))} instruction{'s' * (len(set(t.texts)) != 1)}"
                             for t in inputs.tasks)
-        rows, rotation, energy = lsq.principal_rows(targets.rows, lsq.row_budget(d_text, options.max_rows))
+        budget = lsq.row_budget(d_text, options.max_rows)
+        balance = None if m <= budget else lsq.task_balance(
+            inputs.tasks, targets, {name: w0.shape[0] for name, w0 in inputs.base_weights.items()})
+        rows, rotation, energy = lsq.principal_rows(targets.rows, budget, balance)
         left, right, condition = lsq.exact_projection(gram, rows, ridge, brought)
         if rotation is not None:  # B = R U_k L': the solve on the rows' top principal combinations
             left = rotation @ left
