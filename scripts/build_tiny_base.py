@@ -79,7 +79,8 @@ class BuildConfig:
     # Tokenizer (TOKENIZERS): "v2" is what builtin:tiny v1 and v2 were built with, ranked merges over
     # vocabulary_words() that split 52 of its 187 words (adapterkit/tiny.py); "v3" learns the merges from those words
     # plus every word of the merge's regularization prompts (2783 tokens, every listed word whole), so the stored
-    # phrasings of bench/fresh_tasks.py give 25-31 rows up to EOS per task instead of 40-63. Not built yet (session 16).
+    # phrasings of bench/fresh_tasks.py give 25-31 rows up to EOS per task instead of 40-63. A trial build (session 16,
+    # README) was no better than v2 on the general edits, the demo or the fresh tasks, so the bundled base stays v2.
     tokenizer: str = "v2"
     pool_size: int = 2000  # clean training pictures (each seen with every general edit)
     # Share of UNet training rows whose input is already edited: input g1(x), target g2(g1(x)) for general edits g1
