@@ -55,9 +55,7 @@ def tiny_vocab_and_merges(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str
 
     Special tokens come last, as in CLIP, so the end-of-text token has the highest id.
     """
-    tokens: list[str] = []
-    for ch in _byte_chars():
-        tokens += [ch, ch + EOW]
+    built: list[str] = []
     merges: list[str] = []
     for word in sorted(words, key=len, reverse=True):  # longest first: their merges rank first
         pieces = list(word[:-1]) + [word[-1] + EOW]
@@ -65,9 +63,18 @@ def tiny_vocab_and_merges(words: tuple[str, ...] = TINY_WORDS) -> tuple[dict[str
         for piece in pieces[1:]:
             merges.append(f"{prefix} {piece}")
             prefix += piece
-            tokens.append(prefix)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, list(dict.fromkeys(merges))
+            built.append(prefix)
+    return _vocab(built), list(dict.fromkeys(merges))
+
+
+def _vocab(built: list[str]) -> dict[str, int]:
+    """Token -> id: the byte-level characters with and without the end-of-word marker, then `built` (the tokens the
+    merges make, in rank order), then the special tokens, so the end-of-text token has the highest id."""
+    tokens: list[str] = []
+    for ch in _byte_chars():
+        tokens += [ch, ch + EOW]
+    tokens += built + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
 
 
 def learned_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
@@ -95,7 +102,7 @@ def learned_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], li
     merges: list[str] = []
     while heap:
         negative, pair = heapq.heappop(heap)
-        if counts.get(pair, 0) != -negative or negative == 0:  # an outdated entry: a fresher one is in the heap
+        if counts.get(pair, 0) != -negative:  # an outdated entry: a fresher one is in the heap (or none is left)
             continue
         merges.append(f"{pair[0]} {pair[1]}")
         touched = set()
@@ -121,11 +128,7 @@ def learned_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], li
         for p in touched - {pair}:
             if counts.get(p, 0) > 0:
                 heapq.heappush(heap, (-counts[p], p))
-    tokens: list[str] = []
-    for ch in _byte_chars():
-        tokens += [ch, ch + EOW]
-    tokens += [merge.replace(" ", "") for merge in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
+    return _vocab([merge.replace(" ", "") for merge in merges]), merges
 
 
 MERGE_RULES = {"ranked": tiny_vocab_and_merges, "learned": learned_vocab_and_merges}

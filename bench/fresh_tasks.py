@@ -215,22 +215,11 @@ def _routing(base, adapters) -> dict:
     """A bank of the fresh tasks' adapters routes never-stored phrasings of each (to it), the demo's general edits
     (never-stored and stored phrasings: to the base) and unrelated text (to the base), as tiny_tasks does."""
     from adapterkit import AdapterBank
-    from adapterkit.demo import tasks
 
     bank = AdapterBank(base)
     for adapter in adapters:
         bank.add(adapter)
-    probes = [(p, a.task) for a in adapters for p in FRESH[a.task][3]]
-    probes += [(p, None) for t in tasks.GENERAL_TASKS for p in tasks.TASKS[t].unseen_instructions]
-    probes += [(tasks.TASKS[t].instructions[0], None) for t in tasks.GENERAL_TASKS[:8]]
-    probes += [(p, None) for p in tasks.UNRELATED_INSTRUCTIONS]
-    rows = []
-    for text, expected in probes:
-        got, score = bank.route(text)
-        rows.append({"instruction": text, "expected": expected or "base", "routed": got or "base",
-                     "score": round(float(score), 3), "right": got == expected})
-    result = {"probes": len(rows), "right": sum(r["right"] for r in rows), "threshold": bank.route_threshold,
-              "calibration": bank.route_details(probes[0][0])["calibration"], "rows": rows}
+    result = tiny_tasks.route_probes(bank, [(p, a.task) for a in adapters for p in FRESH[a.task][3]])
     bank.close()
     return result
 

@@ -193,26 +193,30 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
     routing_bank = AdapterBank(base)  # routing targets: the task adapters only (a merge stores every task's phrasings)
     for adapter in adapters.values():
         routing_bank.add(adapter)
-    routing = _routing(routing_bank, tasks_)
+    routing = route_probes(routing_bank, [(p, t) for t in tasks_ for p in tasks.TASKS[t].unseen_instructions])
     routing_bank.close()
     return {"bench": "tiny_tasks", "machine": machine(), "base": base_name, "rows_per_task": rows, "sampler": cfg,
             "seconds": timings, "scores": table, "general_edits": general, "merges_refused": refused, "routing": routing}
 
 
-def _routing(bank, tasks_: list[str]) -> dict:
+def route_probes(bank, task_probes: list[tuple[str, str]]) -> dict:
+    """Route `task_probes` ((never-stored phrasing, its task)) plus the probes that belong to the base: never-stored
+    phrasings of the 16 general edits, stored phrasings of 8 of them and unrelated text. Used by bench/fresh_tasks.py
+    too."""
     from adapterkit.demo import tasks
 
-    probes = [(p, t) for t in tasks_ for p in tasks.TASKS[t].unseen_instructions]
+    probes = list(task_probes)
     probes += [(p, None) for t in tasks.GENERAL_TASKS for p in tasks.TASKS[t].unseen_instructions]
     probes += [(tasks.TASKS[t].instructions[0], None) for t in tasks.GENERAL_TASKS[:8]]
     probes += [(p, None) for p in tasks.UNRELATED_INSTRUCTIONS]
     rows = []
     for text, expected in probes:
-        got, cosine = bank.route(text)
+        got, score = bank.route(text)
         rows.append({"instruction": text, "expected": expected or "base", "routed": got or "base",
-                     "cosine": round(float(cosine), 3), "right": got == expected})
-    return {"probes": len(rows), "right": sum(r["right"] for r in rows),
-            "accuracy": sum(r["right"] for r in rows) / len(rows), "threshold": bank.route_threshold, "rows": rows}
+                     "score": round(float(score), 3), "right": got == expected})
+    right = sum(r["right"] for r in rows)
+    return {"probes": len(rows), "right": right, "accuracy": right / len(rows), "threshold": bank.route_threshold,
+            "calibration": bank.route_details(probes[0][0])["calibration"], "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -248,7 +252,7 @@ def main(argv=None) -> int:
     print(f"\nrouting: {r['right']} of {r['probes']} probes right ({100 * r['accuracy']:.0f}%), threshold {r['threshold']}")
     for row in r["rows"]:
         if not row["right"]:
-            print(f"  wrong: '{row['instruction']}' -> {row['routed']} (expected {row['expected']}, cosine {row['cosine']})")
+            print(f"  wrong: '{row['instruction']}' -> {row['routed']} (expected {row['expected']}, score {row['score']})")
     return 0
 
 

@@ -224,12 +224,17 @@ def vocabulary_words(tokenizer: str = "v2") -> tuple[str, ...]:
 TOKENIZERS = {"v2": "ranked", "v3": "learned"}
 
 
-def make_tokenizer(cfg: BuildConfig):
+def merges_rule(cfg: BuildConfig) -> str:
+    """The tokenizer's merges rule; ValueError naming the choices for an unknown `--tokenizer`."""
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"--tokenizer takes one of {', '.join(TOKENIZERS)} (got {cfg.tokenizer!r})")
+    return TOKENIZERS[cfg.tokenizer]
+
+
+def make_tokenizer(cfg: BuildConfig):
     from adapterkit.tiny import make_tiny_tokenizer
 
-    return make_tiny_tokenizer(vocabulary_words(cfg.tokenizer), TOKENIZERS[cfg.tokenizer])
+    return make_tiny_tokenizer(vocabulary_words(cfg.tokenizer), merges_rule(cfg))
 
 
 def unet_widths(cfg: BuildConfig) -> tuple[int, ...]:
@@ -738,6 +743,7 @@ def main(argv=None) -> int:
     cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
     try:
         unet_widths(cfg)  # before any data or training work
+        merges_rule(cfg)
     except ValueError as error:
         parser.error(str(error))
     if args.bank_only:

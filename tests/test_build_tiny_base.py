@@ -133,3 +133,12 @@ def test_tokenizer_v2_is_the_bundled_one_and_v3_keeps_every_listed_word_whole(bu
     assert v3.tokenize("remove the snow") == ["remove</w>", "the</w>", "snow</w>"]
     with pytest.raises(ValueError, match="--tokenizer takes one of v2, v3"):
         build_script.make_tokenizer(build_script.BuildConfig(tokenizer="v4"))
+
+
+def test_unknown_tokenizer_stops_before_any_work(build_script, tmp_path, capsys):
+    output = tmp_path / "base"
+    with pytest.raises(SystemExit) as stop:
+        build_script.main(["--output", str(output), "--tokenizer", "v4"])
+    assert stop.value.code == 2
+    assert "--tokenizer takes one of v2, v3 (got 'v4')" in capsys.readouterr().err
+    assert not output.exists()
