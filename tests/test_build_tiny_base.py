@@ -47,10 +47,13 @@ def test_two_step_v_prediction_build_saves_a_base_that_loads_and_edits(build_scr
     from adapterkit.base import load_base
 
     cfg = build_script.BuildConfig(pool_size=3, vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=2, warmup_steps=1,
-                                   threads=1)
+                                   restart_steps=2, restart_warmup_steps=1, threads=1)
     provenance = build_script.build(cfg, str(tmp_path / "base"), quiet=True)
     info = json.loads((tmp_path / "base" / "adapterkit_base.json").read_text())
     assert info["build_config"]["prediction_type"] == "v_prediction" and provenance["cpu_threads"] == 1
+    # the warm restart (v2.1's recipe) ran after the first schedule: both losses recorded
+    assert info["build_config"]["restart_steps"] == 2
+    assert np.isfinite(provenance["unet_first_schedule_loss"]) and np.isfinite(provenance["unet_final_loss"])
     assert abs(info["vae_scaling_factor"] - 0.18215) < 1e-3  # raw latents carry SD's std (amplify_latents)
     base = load_base(str(tmp_path / "base"))
     assert base.pipe.scheduler.config.prediction_type == "v_prediction"
@@ -110,10 +113,10 @@ def test_build_trains_with_deterministic_algorithms_and_restores_the_setting(bui
 
     monkeypatch.setattr(build_script, "train_unet", recording_train_unet)
     cfg = build_script.BuildConfig(pool_size=3, vae_steps=1, vae_batch=2, unet_steps=1, unet_batch=2, warmup_steps=1,
-                                   composed_fraction=0.0, threads=1)
+                                   restart_steps=1, restart_warmup_steps=1, composed_fraction=0.0, threads=1)
     assert not torch.are_deterministic_algorithms_enabled()
     build_script.build(cfg, str(tmp_path / "base"), quiet=True)
-    assert seen == [True]
+    assert seen == [True, True]  # the first schedule and the warm restart
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
 
 
