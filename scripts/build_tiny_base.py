@@ -106,10 +106,10 @@ class BuildConfig:
     unet_lr: float = 1e-3
     warmup_steps: int = 100  # linear warm-up, then cosine decay to 10%
     # A warm restart: a second cosine schedule of this many steps (fresh AdamW, same peak lr, same batch stream) from
-    # the first schedule's EMA weights. v3 (session 17): 1500 steps after v2's 3400 took outline +2.04 -> +3.30 dB,
-    # 10 -> 11 of 16 general edits >= 3 dB, and on held-out cartoonize rows "draw the outlines" 15.29 -> 16.33 dB
-    # (outline F1 0.46 -> 0.54); the demo's adapters on it gained derain +3.82 / cartoonize +3.01 dB (v2: +2.94 /
-    # +1.46) (measured on v2's weights continued with --init-from, then rebuilt from scratch with this default).
+    # the first schedule's EMA weights: builtin:tiny v2.1 (session 17; not the "v3" tokenizer option below). Tried
+    # first by continuing v2's weights with --init-from: on held-out cartoonize rows "draw the outlines" 15.29 ->
+    # 16.33 dB (outline F1 0.46 -> 0.54). Rebuilt from scratch with this default: outline +2.04 -> +3.31 dB, 10 -> 11
+    # of 16 general edits >= 3 dB; the demo's adapters derain +4.26 / cartoonize +3.23 dB (v2: +2.94 / +1.46).
     restart_steps: int = 1500
     restart_warmup_steps: int = 100
     ema_decay: float = 0.998
