@@ -486,6 +486,8 @@ def save_base(output: str, tokenizer, text_encoder, vae, unet, cfg: BuildConfig,
         "training_defaults": TRAINING_DEFAULTS,
         "general_tasks": list(tasks.GENERAL_TASKS),
         "heldout_tasks": list(tasks.HELDOUT_TASKS),
+        # The phrasings the base was trained to follow: a bank routes them to the base (adapters/bank.py).
+        "instructions": [i for t in tasks.GENERAL_TASKS for i in tasks.TASKS[t].instructions],
         "made_by": "scripts/build_tiny_base.py",
         "build_config": dataclasses.asdict(cfg),
         **provenance,

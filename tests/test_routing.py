@@ -82,3 +82,27 @@ def test_a_merged_adapter_holding_its_sources_phrasings_does_not_lower_the_thres
     assert bank.route("please remove the rain")[0] in ("derain", "merged")
     assert bank.route_threshold > 0.15, bank.route_details("make it brighter")
     bank.close()
+
+
+def test_an_instruction_the_base_records_as_its_own_goes_to_the_base():
+    """bench/fresh_tasks.py's bank sent "invert the colors" (one of builtin:tiny's general edits) to its colour-cast
+    adapter: the words "the colors" outweigh nothing else. The base records the phrasings it was trained on
+    (adapterkit_base.json "instructions"); an adapter that stores one of them still gets it."""
+    import dataclasses
+
+    base = load_base("builtin:tiny")
+    assert "invert the colors" in base.info["instructions"]
+    decast = ["remove the color cast", "fix the white balance", "correct the color tint", "neutralize the colors",
+              "fix the tinted photo"]
+    unaware = AdapterBank(dataclasses.replace(base, info={}))  # a base that records no instructions
+    unaware.add(random_lora(base, "decast", rank=2, seed=1, instructions=decast))
+    assert unaware.route("invert the colors")[0] == "decast"  # what happened before
+    unaware.close()
+    bank = AdapterBank(base)
+    bank.add(random_lora(base, "decast", rank=2, seed=1, instructions=decast))
+    details = bank.route_details("Invert  the colors")
+    assert (details["task"], details["score"], details["base_instruction"]) == (None, 1.0, True)
+    assert bank.route("remove the color cast") == ("decast", 1.0)
+    bank.add(random_custom_diffusion(base, "negative", seed=2, instructions=["invert the colors"]))
+    assert bank.route("invert the colors") == ("negative", 1.0)  # an adapter trained on it wins
+    bank.close()

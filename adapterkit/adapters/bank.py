@@ -7,7 +7,10 @@
 - Routing (adapters/routing.py): an instruction goes to the task of best score (tf-idf word evidence against the
   task's stored instructions, plus the text encoder's pooled cosine), or to the base when that score is below
   `route_threshold`: calibrated per bank, leave-one-out on its own stored instructions, unless set by hand. An
-  instruction equal to a stored one (case and surrounding space ignored) always routes to its task.
+  instruction equal to a stored one (case and surrounding space ignored) always routes to its task; one equal to
+  an instruction the base records as its own (adapterkit_base.json "instructions": builtin:tiny's general edits)
+  and stored by no adapter routes to the base, whatever words it shares with a task ("invert the colors" went to
+  a colour-cast adapter in bench/fresh_tasks.py).
 - edit_batch (adapters/batch_edit.py): different tasks and seeds in one pipeline call (per-row attn2 K/V).
 
 All public methods take one re-entrant lock, and `edit` holds it across activate + inference: calls from many
@@ -63,6 +66,7 @@ class AdapterBank:
         self._adapters: dict[str, Adapter] = {}
         self._router = Router(lambda texts: encode_instructions(self.pipe, texts), read_background())
         self._router_stale = True
+        self._base_instructions = {normalise_instruction(i) for i in base.info.get("instructions", [])}
         self._active: str | None = None
         self._residency = Residency(next(iter(self._kv_layers.values())).weight.device, max_resident)
         self._row_weights: dict = {}  # task -> batched.RowWeights, made on first use in edit_batch
@@ -168,7 +172,7 @@ class AdapterBank:
 
     def route(self, instruction: str) -> tuple[str | None, float]:
         """(task, score) of the best task, or (None, best score) when below route_threshold; (task, 1.0) for a
-        stored instruction."""
+        stored instruction; (None, 1.0) for one the base records as its own that no adapter stores."""
         details = self.route_details(instruction)
         return details["task"], details["score"]
 
@@ -183,6 +187,9 @@ class AdapterBank:
                 if any(normalise_instruction(i) == key for i in adapter.instructions):
                     return {"task": task, "score": 1.0, "scores": {task: 1.0}, "threshold": threshold,
                             "stored": True, "calibration": router.calibration}
+            if key in self._base_instructions:  # the base's own edit, which no adapter claims
+                return {"task": None, "score": 1.0, "scores": {}, "threshold": threshold, "stored": True,
+                        "base_instruction": True, "calibration": router.calibration}
             scores = router.scores(instruction) if router.tasks else {}
             best = max(scores, key=scores.get) if scores else None
             score = scores[best] if best is not None else 0.0
