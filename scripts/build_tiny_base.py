@@ -383,9 +383,15 @@ def encode_all(vae, images_u8: np.ndarray, batch: int = 256) -> torch.Tensor:
 # ---------------------------------------------------------------- stage 2: UNet + text encoder
 
 
+def general_phrasings() -> list[list[str]]:
+    """The stored phrasings of each general task (index t): what the UNet is trained on and what the base records
+    as its own instructions (save_base)."""
+    return [list(tasks.TASKS[t].instructions) for t in tasks.GENERAL_TASKS]
+
+
 def _prompt_table(tokenizer) -> tuple[list[list[str]], torch.Tensor]:
     """Phrasings per general task (index t), and token ids (P, 77) of all phrasings followed by "" (the last row)."""
-    phrasings = [list(tasks.TASKS[t].instructions) for t in tasks.GENERAL_TASKS]
+    phrasings = general_phrasings()
     flat = [p for group in phrasings for p in group] + [""]
     ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     return phrasings, ids
@@ -487,7 +493,7 @@ def save_base(output: str, tokenizer, text_encoder, vae, unet, cfg: BuildConfig,
         "general_tasks": list(tasks.GENERAL_TASKS),
         "heldout_tasks": list(tasks.HELDOUT_TASKS),
         # The phrasings the base was trained to follow: a bank routes them to the base (adapters/bank.py).
-        "instructions": [i for t in tasks.GENERAL_TASKS for i in tasks.TASKS[t].instructions],
+        "instructions": [p for group in general_phrasings() for p in group],
         "made_by": "scripts/build_tiny_base.py",
         "build_config": dataclasses.asdict(cfg),
         **provenance,

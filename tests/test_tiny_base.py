@@ -37,6 +37,8 @@ def test_builtin_tiny_loads_offline_and_records_its_resolution(base):
     # 4 tasks x 5 phrasings; cross-attention at every latent level but the lowest, as SD1.5.
     assert info["default_steps"] >= 1 and info["general_tasks"] == list(tasks.GENERAL_TASKS)
     assert info["heldout_tasks"] == list(tasks.HELDOUT_TASKS) and not set(info["general_tasks"]) & set(tasks.HELDOUT_TASKS)
+    # the phrasings it was trained on, which a bank routes to the base (written by the build)
+    assert info["instructions"] == [p for t in tasks.GENERAL_TASKS for p in tasks.TASKS[t].instructions]
     assert base.pipe.text_encoder.config.hidden_size == base.unet.config.cross_attention_dim == 256
     assert info["build_config"]["threads"] == info["cpu_threads"] and info["torch"].startswith("2.")
 
