@@ -202,7 +202,14 @@ def import_command(folder, **options):
 @click.option("--seed", default=0, show_default=True, type=int, help="dare: seed of the drop masks.")
 @click.option("--rank", default=None, type=click.IntRange(1), help="svd: rank the exact sum is truncated to.")
 @click.option("--target-weight", default=merge_methods.DEFAULT_TARGET_WEIGHT, show_default=True, type=float, help="lsq-soft: weight lambda of the targets.")
-@click.option("--ridge", default=merge_methods.DEFAULT_RIDGE, show_default=True, type=float, help="lsq: ridge on M, relative to its mean eigenvalue.")
+@click.option("--ridge", default=None, type=float,
+              help=f"lsq: ridge on M, relative to its mean eigenvalue (default {merge_methods.BASE_INSTRUCTIONS_RIDGE:g} "
+                   f"where the base's own instructions are weighted in, else {merge_methods.DEFAULT_RIDGE:g}).")
+@click.option("--base-instructions-weight", default=None, type=float,
+              help=f"lsq: how many times each row of the base's own instructions (adapterkit_base.json) counts among "
+                   f"the regularization prompts, so the merge keeps the base's own edits (default "
+                   f"{merge_methods.DEFAULT_BASE_INSTRUCTIONS_WEIGHT:g} where the base records them, as builtin:tiny "
+                   f"does; 0 turns it off).")
 @click.option("--reg-prompts", default=None, type=click.Path(dir_okay=False),
               help="Regularization prompts, one per line (default: the built-in set of edit instructions and captions).")
 @click.option("--positions", default="auto", show_default=True, type=click.Choice(merge_methods.POSITIONS),

@@ -118,6 +118,10 @@ def test_fuse_writes_a_pipeline_with_the_merge_baked_in(tiny_base_dir, folders, 
         (["--weights", "1,x", "--method", "sum"], "--weights"),
         (["--method", "svd"], "--rank"),
         (["--reg-prompts", "/nonexistent/prompts.txt"], "does not exist"),
+        (["--ridge", "-1"], "--ridge must be >= 0"),
+        (["--base-instructions-weight", "-1"], "--base-instructions-weight must be >= 0"),
+        (["--method", "linear", "--base-instructions-weight", "5"], "applies to least squares"),
+        (["--base-instructions-weight", "5"], "records none; drop the option"),  # the test base records no instructions
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tiny_base_dir, folders, tmp_path, extra, message):

@@ -151,6 +151,19 @@ def regularization_gram(base, prompts: list[str], quiet: bool = True, positions:
     return gram, rows
 
 
+def with_base_instructions(base, gram: torch.Tensor, rows: int, weight: float, quiet: bool = True,
+                           positions: str = "all") -> tuple[torch.Tensor, float]:
+    """(M', effective rows): the regularization Gram M of `rows` rows with every row of the base's own instructions
+    (adapterkit_base.json "instructions") counted `weight` times: M' = (n M + w n_b M_b) / (n + w n_b). Listing them
+    in --reg-prompts would count them once (prompts are deduplicated), among 50,000-odd rows of other prompts."""
+    recorded = list(base.info.get("instructions") or [])
+    if weight <= 0 or not recorded:
+        return gram, float(rows)
+    own_gram, own_rows = regularization_gram(base, recorded, quiet=quiet, positions=positions)
+    heavy = weight * own_rows
+    return (rows * gram + heavy * own_gram) / (rows + heavy), rows + heavy
+
+
 # ---------------------------------------------------------------------------------------------------- cache
 def cache_root() -> str:
     root = os.environ.get("ADAPTERKIT_CACHE")

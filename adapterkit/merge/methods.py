@@ -6,16 +6,27 @@ entry in METHODS plus its maths (lsq.py for least squares, baselines.py for exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import AdapterkitError
 
 DEFAULT_DENSITY = 0.5  # ties / dare: fraction of each delta kept
-# Relative to the mean eigenvalue of M; only there to keep M invertible when C_reg spans few directions. Measured on
-# builtin:tiny v1 with the demo's trained adapters (README, merge): 1e-6 (0.1x M's smallest eigenvalue there) moved
-# the exact update by 3% for nothing; 1e-9 moves it by 3e-5; ridges >= 1e-4 raise the drift and do not help
-# retention on never-stored phrasings. Drift, which the ridge biases, is lowest unridged.
+# lsq's ridge on M, relative to its mean eigenvalue. Where the base records its own instructions (below) the default is
+# BASE_INSTRUCTIONS_RIDGE, else DEFAULT_RIDGE (resolve_lsq_defaults).
+# DEFAULT_RIDGE only keeps M invertible when C_reg spans few directions. Measured on builtin:tiny v1 with the demo's
+# trained adapters (README, merge): 1e-6 (0.1x M's smallest eigenvalue there) moved the exact update by 3% for
+# nothing; 1e-9 moves it by 3e-5. Drift, which the ridge biases, is lowest unridged.
 DEFAULT_RIDGE = 1e-9
+# On builtin:tiny v2.1 a larger ridge is what lets a merge follow phrasings its sources never stored (session 18,
+# bench/tiny_tasks.py, derain + cartoonize, 64 held-out rows: derain kept 19% at 1e-9, 74% at 1e-2 with the base's
+# instructions weighted in); alone it costs the base's other edits (up to -4.7 dB at 1e-2), which the weighting gives
+# back (-0.3..-2.1 dB).
+BASE_INSTRUCTIONS_RIDGE = 1e-2
+# lsq: each row of the base's own instructions (adapterkit_base.json "instructions": the edits it was trained on)
+# counts this many times in the regularization Gram, M = (n M_reg + w n_b M_base) / (n + w n_b): the merge then keeps
+# the base's own edits as they are. 10 kept brighter / invert / sepia / blur at -1.6 / -2.3 / -2.5 / -0.3 dB, 100 at
+# -1.2 / -1.8 / -2.1 / -0.3 with the same task retention (README, merge).
+DEFAULT_BASE_INSTRUCTIONS_WEIGHT = 100.0
 DEFAULT_TARGET_WEIGHT = 1e4  # lsq-soft: lambda
 # lsq target tokens (features.py): 1..first EOS; those plus each instruction's padding block summarised by its top
 # principal directions; all 77. "auto" picks eos+padding when every source was trained with K/V preservation, else
@@ -51,9 +62,11 @@ class MergeMethod:
 
 METHODS = {m.name: m for m in (
     MergeMethod("lsq", "lsq", "constrained least squares on K/V: each task's instructions give its targets exactly",
-                ("ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior", "max_rows"), exact=True),
+                ("ridge", "base_instructions_weight", "positions", "reg_positions", "shared_rows", "other_modules", "prior",
+                 "max_rows"), exact=True),
     MergeMethod("lsq-soft", "lsq", "least squares with the targets weighted by target_weight instead of exact",
-                ("target_weight", "ridge", "positions", "reg_positions", "shared_rows", "other_modules", "prior")),
+                ("target_weight", "ridge", "base_instructions_weight", "positions", "reg_positions", "shared_rows",
+                 "other_modules", "prior")),
     MergeMethod("sum", "baseline", "task arithmetic: sum of weighted deltas", ("weights",)),
     MergeMethod("linear", "baseline", "weighted average of deltas", ("weights",), normalised=True),
     MergeMethod("ties", "baseline", "TIES: trim to density, elect signs, disjoint mean", ("weights", "density")),
@@ -72,7 +85,8 @@ class MergeOptions:
     seed: int = 0  # dare: seed of the drop masks
     rank: int | None = None  # svd: truncation rank
     target_weight: float = DEFAULT_TARGET_WEIGHT  # lsq-soft: lambda
-    ridge: float = DEFAULT_RIDGE  # lsq: ridge on M, relative to its mean eigenvalue
+    ridge: float | None = None  # lsq: ridge on M, relative to its mean eigenvalue (None: resolve_lsq_defaults)
+    base_instructions_weight: float | None = None  # lsq: weight of the base's own instructions (None: resolved)
     positions: str = "auto"  # lsq: target token positions (POSITIONS)
     reg_positions: str = "all"  # lsq: regularization token positions (REG_POSITIONS)
     shared_rows: str = "mean"  # lsq: target of a row several tasks share (SHARED_ROWS)
@@ -97,8 +111,11 @@ def check_options(name: str, options: MergeOptions, count: int | None = None) ->
         raise AdapterkitError(f"unknown --reg-positions '{options.reg_positions}'; use one of {', '.join(REG_POSITIONS)}")
     if options.shared_rows not in SHARED_ROWS:
         raise AdapterkitError(f"unknown --shared-rows '{options.shared_rows}'; use one of {', '.join(SHARED_ROWS)}")
-    if options.ridge < 0:
-        raise AdapterkitError(f"--ridge must be >= 0, got {options.ridge}")
+    for flag, value in (("--ridge", options.ridge), ("--base-instructions-weight", options.base_instructions_weight)):
+        if value is not None and not value >= 0:  # also refuses nan
+            raise AdapterkitError(f"{flag} must be >= 0, got {value}")
+    if options.base_instructions_weight is not None and "base_instructions_weight" not in method.reads:
+        raise AdapterkitError(f"--base-instructions-weight applies to least squares (lsq, lsq-soft), not to --method {name}")
     if options.other_modules not in OTHER_MODULE_METHODS:
         raise AdapterkitError(f"--other-modules must be one of {', '.join(OTHER_MODULE_METHODS)}, got '{options.other_modules}'")
     if options.prior not in PRIORS:
@@ -122,3 +139,19 @@ def check_options(name: str, options: MergeOptions, count: int | None = None) ->
         if method.normalised and abs(sum(float(w) for w in options.weights)) < 1e-12:
             raise AdapterkitError("--weights sum to zero, so the linear average is undefined; use --method sum")
     return method
+
+
+def resolve_lsq_defaults(options: MergeOptions, recorded: int, base_name: str = "the base") -> MergeOptions:
+    """The options with the ridge and the base-instruction weight filled in for a base recording `recorded`
+    instructions: weight DEFAULT_BASE_INSTRUCTIONS_WEIGHT where it records some, else 0; ridge
+    BASE_INSTRUCTIONS_RIDGE when they are weighted in, else DEFAULT_RIDGE. Values the user gave are kept."""
+    weight = options.base_instructions_weight
+    if weight is None:
+        weight = DEFAULT_BASE_INSTRUCTIONS_WEIGHT if recorded else 0.0
+    elif weight > 0 and not recorded:
+        raise AdapterkitError(f"--base-instructions-weight {weight:g} needs a base that records its own instructions "
+                              f"(adapterkit_base.json \"instructions\"), and {base_name} records none; drop the option")
+    ridge = options.ridge
+    if ridge is None:
+        ridge = BASE_INSTRUCTIONS_RIDGE if weight > 0 else DEFAULT_RIDGE
+    return replace(options, ridge=float(ridge), base_instructions_weight=float(weight))

@@ -111,7 +111,10 @@ def format_table(report: dict) -> str:
             f"{_fmt(t['residual']):>9} {_fmt(t.get('prompt_residual'), '.2f'):>7} {_fmt(t.get('prompt_residual_linear'), '.2f'):>7} "
             f"{_fmt(probe, '.0%'):>10} {_fmt(t.get('source_drift'), '.4f'):>9}"
         )
-    lines.append(f"drift on {report['regularization']['prompts']} regularization prompts: {report['drift']:.4f}"
+    reg = report["regularization"]
+    own = (f" and the base's {reg['base_instructions']} own instructions x{reg['base_instructions_weight']:g}"
+           if reg.get("base_instructions") else "")
+    lines.append(f"drift on {reg['prompts']} regularization prompts{own}: {report['drift']:.4f}"
                  + (f" ({report['drift_ratio']:.2f}x the sources' combined)" if report.get("drift_ratio") is not None else ""))
     lines.append(f"rank of the update per layer: {report['rank']['min']}..{report['rank']['max']}")
     if report.get("constraint_rows") is not None:
@@ -120,6 +123,7 @@ def format_table(report: dict) -> str:
                      + (f", solved as their top {report['principal_rows']} principal combinations, tasks balanced "
                         f"({report['principal_energy']:.4%} of the rows' energy; --max-rows)" if report.get("principal_rows") else "")
                      + (f", cond(D C^T) {cond:.2e}" if cond is not None else "")
+                     + (f", ridge {report['ridge']:g}" if report.get("ridge") is not None else "")
                      + (f", target weight {report['target_weight']:g} (unnormalised {report['target_weight_unnormalised']:.3g})"
                         if report.get("target_weight") is not None else ""))
     for shared in report.get("shared_rows", {}).get("groups", [])[:5]:

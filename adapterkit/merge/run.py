@@ -31,7 +31,7 @@ from ..base import BASE_INFO_FILE, Base, cross_attention_kv_layers, load_base, u
 from ..errors import AdapterkitError
 from ..fileio import atomic_folder
 from . import baselines, diagnostics, features, incremental, lsq, report as reporting
-from .methods import MergeOptions, check_options
+from .methods import MergeOptions, check_options, resolve_lsq_defaults
 
 
 @dataclass
@@ -69,7 +69,8 @@ def merge(
     seed: int = 0,
     rank: int | None = None,
     target_weight: float = lsq.DEFAULT_TARGET_WEIGHT,
-    ridge: float = lsq.DEFAULT_RIDGE,
+    ridge: float | None = None,
+    base_instructions_weight: float | None = None,
     reg_prompts: str | list[str] | None = None,
     positions: str = "auto",
     reg_positions: str = "all",
@@ -87,37 +88,44 @@ def merge(
     """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base); the options are
     MergeOptions' (methods.py), plus reg_prompts (a file or a list; built-in set when None; "" always added),
     probe_instructions ({task: [text]} or a file, diagnostics.py) and output_pipeline (the base with the merge fused
-    in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py)."""
+    in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py). Defaults that depend
+    on the base or the sources (ridge, base_instructions_weight, positions "auto") are filled in by _resolve."""
     start = time.perf_counter()
     options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight, ridge=ridge,
-                           positions=positions, reg_positions=reg_positions, shared_rows=shared_rows,
-                           other_modules=other_modules, prior=prior, max_rows=max_rows, as_lora=as_lora)
+                           base_instructions_weight=base_instructions_weight, positions=positions, reg_positions=reg_positions,
+                           shared_rows=shared_rows, other_modules=other_modules, prior=prior, max_rows=max_rows, as_lora=as_lora)
     spec = check_options(method, options, count=len(adapters) or None)  # every option checked before any work
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
-    options = dataclasses.replace(options, positions=resolve_positions(options.positions, inputs.adapters))
+    options = _resolve(spec, options, base, inputs.adapters)
     timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
-    prompts, gram, reg_rows, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
+    prompts, gram, reg_info, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
     timings["features"], solve_start = time.perf_counter() - features_start, time.perf_counter()
     kv_deltas, kv_factors, other, solve_info = _solve(spec, options, inputs, targets, gram)
-    timings["solve"] = time.perf_counter() - solve_start
+    timings["solve"], timings["report_start"] = time.perf_counter() - solve_start, time.perf_counter()
     merged_adapter = _build_adapter(inputs, base, kv_deltas, kv_factors, other, as_lora, rank if "rank" in spec.reads else None, task)
-    report_start = time.perf_counter()
-    features_info = {"prompts": prompts, "gram": gram, "reg_rows": reg_rows, "reg_prompts": reg_prompts, "probes": probes}
+    features_info = {"prompts": prompts, "gram": gram, "reg": reg_info, "reg_prompts": reg_prompts, "probes": probes}
     merge_report = _full_report(spec, options, inputs, targets, base, merged_adapter, kv_factors or kv_deltas, other,
                                 solve_info, features_info)
-    timings["report"] = time.perf_counter() - report_start
-    merge_report["time_s"] = {**timings, "total": time.perf_counter() - start}
+    merge_report["time_s"] = {**timings, "report": time.perf_counter() - timings.pop("report_start"),
+                              "total": time.perf_counter() - start}
     record = MergeRecord(method=method, sources=_sources(inputs, weights), options=dataclasses.asdict(options), report=merge_report)
     merged_adapter.extra = {"merge": record.to_dict()}
     packed = _constraints(spec, inputs, merge_report, base, options.positions, merged_adapter)
     result = MergeResult(adapter=merged_adapter, report=merge_report, updates=kv_deltas)
-    if output:
-        result.path = _save(merged_adapter, output, packed)
+    result.path = _save(merged_adapter, output, packed) if output else None
     if output_pipeline:
         result.pipeline_path = fuse_into_pipeline(base, merged_adapter, output_pipeline)
     return result
+
+
+def _resolve(spec, options: MergeOptions, base: Base, adapters: list[Adapter]) -> MergeOptions:
+    """The options with every default that depends on the base or the sources filled in: least squares' ridge and
+    base-instruction weight (methods.resolve_lsq_defaults) and its target positions (resolve_positions)."""
+    if spec.family == "lsq":
+        options = resolve_lsq_defaults(options, len(base.info.get("instructions") or []), base.name_or_path)
+    return dataclasses.replace(options, positions=resolve_positions(options.positions, adapters))
 
 
 def _full_report(spec, options: MergeOptions, inputs: _Inputs, targets, base, merged_adapter, solved, other, solve_info, info) -> dict:
@@ -127,12 +135,12 @@ def _full_report(spec, options: MergeOptions, inputs: _Inputs, targets, base, me
     reg_prompts = info["reg_prompts"]
     merge_report.update(
         positions=options.positions if spec.family == "lsq" else None,
-        regularization={"prompts": len(info["prompts"]), "rows": info["reg_rows"], "positions": options.reg_positions,
+        regularization={"prompts": len(info["prompts"]), **info["reg"], "positions": options.reg_positions,
                         "source": reg_prompts if isinstance(reg_prompts, str) else ("list" if reg_prompts else "builtin")},
         other_modules={"count": len(other), "method": options.other_modules if spec.family == "lsq" else spec.name} if other else None,
     )
     if merge_report.get("target_weight") is not None:  # lam' of the unnormalised form (lsq.py): lam * n / sum_g w_g
-        merge_report["target_weight_unnormalised"] = options.target_weight * info["reg_rows"] / float(targets.weights.sum())
+        merge_report["target_weight_unnormalised"] = options.target_weight * info["reg"]["effective_rows"] / float(targets.weights.sum())
     if spec.family == "lsq":
         diagnostics.score_prompts(merge_report, base, inputs.tasks, inputs.kv, written)
     diagnostics.score_probes(merge_report, base, inputs.tasks, written, info["probes"], options.positions)
@@ -204,12 +212,17 @@ def _full_deltas(adapter: Adapter, base_weights: dict[str, torch.Tensor]) -> dic
 
 
 def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptions, expand: bool, quiet: bool):
-    """(regularization prompts, their Gram matrix, its row count, the tasks' target rows) (features.py, lsq.py).
+    """(regularization prompts, their Gram matrix, its rows (and the base's instructions weighted in: least squares),
+    the tasks' target rows) (features.py, lsq.py).
 
     Fills inputs.tasks: one task per adapter, or, with `expand` (least squares), the tasks a merged adapter stored.
     """
     prompts = features.read_prompts(reg_prompts) if not isinstance(reg_prompts, list) else sorted(set(reg_prompts) | {""})
     gram, reg_rows = features.regularization_gram(base, prompts, quiet=quiet, positions=options.reg_positions)
+    weight = options.base_instructions_weight or 0.0  # resolved for least squares; None for the baselines
+    gram, effective = features.with_base_instructions(base, gram, reg_rows, weight, quiet, options.reg_positions)
+    reg_info = {"rows": reg_rows, "effective_rows": effective,
+                "base_instructions": len(base.info.get("instructions") or []) if weight else 0, "base_instructions_weight": weight}
     probe = features.text_encoder_probe(base.pipe)
     stored = [incremental.expand(a, options.positions, probe) if expand else None for a in inputs.adapters]
     texts = [t for a, s in zip(inputs.adapters, stored) if s is None for t in a.instructions]
@@ -229,7 +242,7 @@ def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptio
         inputs.tasks.append(lsq.TaskRows(adapter.task, row_texts, stacked, targets, deltas=kv))
         inputs.stored_drift.append(None)
         inputs.origin.append(index)
-    return prompts, gram, reg_rows, lsq.build_targets(inputs.tasks, options.shared_rows)
+    return prompts, gram, reg_info, lsq.build_targets(inputs.tasks, options.shared_rows)
 
 
 def _solve(spec, options: MergeOptions, inputs: _Inputs, targets: lsq.Targets, gram):
@@ -279,7 +292,7 @@ def _solve_lsq(exact: bool, inputs: _Inputs, targets: lsq.Targets, gram, options
         left, right = lsq.soft_projection(gram, targets.rows, targets.weights, options.target_weight, ridge)
         info["target_weight"] = options.target_weight
         info["condition_number"] = None
-    info["prior"] = prior
+    info["prior"], info["ridge"] = prior, ridge
     # The prior update: --method linear's own average of the inputs' K/V deltas (a merged input counts once).
     average = baselines.combine("linear", inputs.kv) if prior == "average" else None
     updates = {}
