@@ -2,6 +2,7 @@
 
     python bench/tiny_tasks.py                 # all four tasks, 16 held-out rows each (~15-25 min on 2 cores)
     python bench/tiny_tasks.py --rows 4 --steps 2 --tasks derain cartoonize   # a smoke run
+    python bench/tiny_tasks.py --tasks derain cartoonize --lora-targets attn    # LoRA on every attention projection
 
 For each of derain, cartoonize, denoise and lowlight: train the task's adapter with its method
 (`adapterkit.demo.run.TASK_METHODS`) and the base's recommended settings, as `adapterkit train` does with no other
@@ -144,7 +145,8 @@ def add_retention(scores: dict, adapter: str, columns: list[str]) -> dict:
     return scores
 
 
-def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str, work: str, quiet: bool) -> dict:
+def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str, work: str, quiet: bool,
+        lora_targets: str | None = None) -> dict:
     from adapterkit import AdapterBank, load_base, merge
     from adapterkit.demo import tasks
     from adapterkit.demo.run import TASK_METHODS, train_task_adapter
@@ -156,8 +158,9 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
     for task in tasks_:
         start = time.perf_counter()
         folder = tasks.write_task_dataset(task, os.path.join(work, f"{task}-train"), n=256, resolution=base.resolution, quiet=True)
+        method = "lora" if lora_targets else TASK_METHODS[task]  # --lora-targets: every task a LoRA on those modules
         adapters[task] = train_task_adapter(base_name, task, folder, os.path.join(work, "adapters", task),
-                                            TASK_METHODS[task], steps=steps_override, quiet=quiet)
+                                            method, steps=steps_override, quiet=quiet, targets=lora_targets)
         timings[f"train_{task}"] = round(time.perf_counter() - start, 1)
     groups = {"two": tasks_[:2], "all": tasks_} if len(tasks_) > 2 else {"two": tasks_}
     merged, refused = {}, {}
@@ -165,7 +168,8 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
         for label, (method, options) in MERGES.items():
             key = f"{label}-{group}"
             try:
-                result = merge([adapters[t] for t in names], base, method=method, task=key, quiet=True, **options)
+                result = merge([adapters[t] for t in names], base, method=method, task=key, quiet=True,
+                               as_lora=bool(lora_targets), **options)  # modules beyond K/V need a LoRA output
             except AdapterkitError as e:  # exact lsq refuses when rows exceed the text width (builtin:tiny v1: 32)
                 refused[key] = str(e)
                 continue
@@ -182,7 +186,8 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
             masks = [tasks.rain_mask(i, resolution=base.resolution) for i in range(rows)] if task == "derain" else None
             columns = {"base": None, "adapter": task} | {k: k for k, (_, names) in merged.items() if task in names}
             scores = {c: _score_rows(bank, key, examples, task, cfg, masks) for c, key in columns.items()}
-            scores["text-only"] = _score_rows(bank, task, examples, task, cfg, masks, base_kv)
+            if not lora_targets:  # K/V swapped per branch: says nothing of an adapter on other modules too
+                scores["text-only"] = _score_rows(bank, task, examples, task, cfg, masks, base_kv)
             table[f"{task}/{phrasing}"] = add_retention(scores, "adapter", [c for c in scores if c not in ("base", "adapter")])
     general = {}  # the merges' cost: PSNR change of general edits (8 held-out rows each) with the merge active
     for edit in GENERAL_PROBES:
@@ -195,7 +200,8 @@ def run(tasks_: list[str], rows: int, steps_override: int | None, base_name: str
         routing_bank.add(adapter)
     routing = route_probes(routing_bank, [(p, t) for t in tasks_ for p in tasks.TASKS[t].unseen_instructions])
     routing_bank.close()
-    return {"bench": "tiny_tasks", "machine": machine(), "base": base_name, "rows_per_task": rows, "sampler": cfg,
+    return {"bench": "tiny_tasks", "machine": machine(), "base": base_name, "lora_targets": lora_targets,
+            "rows_per_task": rows, "sampler": cfg,
             "seconds": timings, "scores": table, "general_edits": general, "merges_refused": refused, "routing": routing}
 
 
@@ -226,10 +232,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=16, help="held-out rows per task")
     parser.add_argument("--steps", type=int, help="override the recommended optimizer steps (smoke runs)")
     parser.add_argument("--work", help="folder for datasets and adapters (default: a temporary folder)")
+    parser.add_argument("--lora-targets", choices=["attn"], help="train every task as a LoRA on these modules "
+                        "(train --targets; attn: every attention projection) instead of its method on K/V")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.tasks, args.rows, args.steps, args.base, args.work or tmp, args.quiet)
+        result = run(args.tasks, args.rows, args.steps, args.base, args.work or tmp, args.quiet, args.lora_targets)
     table = []
     for key, scores in result["scores"].items():
         for column, s in scores.items():

@@ -52,15 +52,17 @@ class DemoSettings:
 
 
 def train_task_adapter(base: str, task: str, data: str, output: str, method: str, steps: int | None = None,
-                       seed: int = 0, quiet: bool = False):
+                       seed: int = 0, quiet: bool = False, targets: str | None = None):
     """Train one held-out task's adapter on a procedural dataset folder as `adapterkit train --method METHOD` would
-    with no other option (the base's recommended settings fill the rest); return the Adapter."""
+    with no other option (the base's recommended settings fill the rest; `targets`: LoRA's --targets, default kv);
+    return the Adapter."""
     from ..train import TrainConfig, train
     from .tasks import get_task
 
     cfg = TrainConfig(
         base=base, data=data, method=method, task=task, output=output, instructions=tuple(get_task(task).instructions),
         steps=steps, validation_steps=0, checkpoint_steps=0, log_with="none", seed=seed, quiet=quiet,
+        **({"targets": targets} if targets else {}),
     )
     return train(cfg)
 
