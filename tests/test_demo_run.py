@@ -91,6 +91,10 @@ def test_the_printout_says_what_the_readme_says_issue_19():
     assert " 111% " in table and format_retention(1.113) == "111%"  # one form: the eval table and report.html too
     assert "merge: lsq = exact least squares over 56 constraint rows, drift on regularization prompts 0.048, 0.10 s; " in table
     assert "encodes its 256 rows once (the 'cache latents' bar" in table and "cache latents" in readme
+    weighted = _summary()
+    weighted["merge"]["lsq"]["regularization"] = {"base_instructions": 80, "base_instructions_weight": 100.0}
+    assert ("lsq = exact least squares over 56 constraint rows, drift on regularization prompts and the base's "
+            "instructions x100 0.048" in format_summary(weighted))
 
 
 def test_demo_merge_prior_reaches_the_lsq_merge_and_the_printout(monkeypatch, tmp_path):

@@ -286,7 +286,10 @@ def _merge_line(name: str, report: dict) -> str:
     method = _MERGE_LABELS.get(report["method"], report["method"])
     if report.get("prior", "base") != "base":
         method += " near the sources' average"
-    return f"{name} = {method}{rows}, drift on regularization prompts {report['drift']:.3f}, {report['time_s']['total']:.2f} s"
+    reg = report.get("regularization") or {}
+    own = f" and the base's instructions x{reg['base_instructions_weight']:g}" if reg.get("base_instructions") else ""
+    return (f"{name} = {method}{rows}, drift on regularization prompts{own} {report['drift']:.3f}, "
+            f"{report['time_s']['total']:.2f} s")
 
 
 def _pct(value) -> str:
