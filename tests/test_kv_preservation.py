@@ -9,7 +9,7 @@ import torch
 from adapterkit.adapters import get_method, load_adapter
 from adapterkit.base import cross_attention_kv_layers, load_base
 from adapterkit.merge import features, merge
-from adapterkit.merge.run import resolve_positions
+from adapterkit.merge.methods import resolve_positions
 from adapterkit.testing import make_edit_dataset, random_custom_diffusion
 from adapterkit.train import TrainConfig, train
 from adapterkit.train.preservation import KVPreservation, preservation_prompts

@@ -42,7 +42,7 @@ class DemoSettings:
     inference_steps: int | None = None  # default: the base's recorded default_steps, else 20
     # The least-squares merge at `adapterkit merge`'s defaults: the paper's exact form on the end-of-text rows of
     # every stored phrasing, plus each phrasing's padding directions since both adapters were trained with the K/V
-    # preservation builtin:tiny recommends ("auto", merge/run.py resolve_positions). builtin:tiny v2's text width
+    # preservation builtin:tiny recommends ("auto", merge/methods.py resolve_positions). builtin:tiny v2's text width
     # (256) holds the two tasks' rows; v1's 32 did not, and the demo used the soft form over all 77 positions instead
     # (issue 18, point 4).
     merge_method: str = "lsq"

@@ -31,7 +31,7 @@ DEFAULT_BASE_INSTRUCTIONS_WEIGHT = 100.0
 DEFAULT_TARGET_WEIGHT = 1e4  # lsq-soft: lambda
 # lsq target tokens (features.py): 1..first EOS; those plus each instruction's padding block summarised by its top
 # principal directions; all 77. "auto" picks eos+padding when every source was trained with K/V preservation, else
-# eos (run.resolve_positions).
+# eos (resolve_positions).
 TARGET_POSITIONS = ("eos", "eos+padding", "all")
 POSITIONS = ("auto",) + TARGET_POSITIONS
 REG_POSITIONS = ("all", "eos")  # lsq regularization tokens: all 77 (default), or 1..first EOS as the reference code
@@ -156,3 +156,26 @@ def resolve_lsq_defaults(options: MergeOptions, recorded: int, base_name: str = 
     if ridge is None:
         ridge = BASE_INSTRUCTIONS_RIDGE if weight > 0 else DEFAULT_RIDGE
     return replace(options, ridge=float(ridge), base_instructions_weight=float(weight))
+
+
+def resolve_positions(positions: str, adapters: list) -> str:
+    """The target rule "auto" stands for: eos+padding when every source (an Adapter) was trained with K/V preservation
+    (or is a merge that used eos+padding), else eos, the paper's rows. Constraining the padding directions pays only
+    when the sources leave them alone elsewhere; otherwise their targets conflict there (features.py, README)."""
+    if positions != "auto":
+        return positions
+
+    def preserved(adapter) -> bool:
+        if adapter.merge:
+            return (adapter.merge.options or {}).get("positions") == "eos+padding"
+        return float(adapter.training.get("kv_preservation") or 0) > 0
+
+    return "eos+padding" if all(preserved(a) for a in adapters) else "eos"
+
+
+def resolve_defaults(options: MergeOptions, method: MergeMethod, recorded: int, adapters: list, base_name: str) -> MergeOptions:
+    """Every default that depends on the base (recording `recorded` instructions) or the sources, filled in: least
+    squares' ridge and base-instruction weight (resolve_lsq_defaults) and the target positions (resolve_positions)."""
+    if method.family == "lsq":
+        options = resolve_lsq_defaults(options, recorded, base_name)
+    return replace(options, positions=resolve_positions(options.positions, adapters))

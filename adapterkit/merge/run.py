@@ -31,7 +31,7 @@ from ..base import BASE_INFO_FILE, Base, cross_attention_kv_layers, load_base, u
 from ..errors import AdapterkitError
 from ..fileio import atomic_folder
 from . import baselines, diagnostics, features, incremental, lsq, report as reporting
-from .methods import MergeOptions, check_options, resolve_lsq_defaults
+from .methods import MergeOptions, check_options, resolve_defaults
 
 
 @dataclass
@@ -89,7 +89,7 @@ def merge(
     MergeOptions' (methods.py), plus reg_prompts (a file or a list; built-in set when None; "" always added),
     probe_instructions ({task: [text]} or a file, diagnostics.py) and output_pipeline (the base with the merge fused
     in). A merged lsq adapter among the inputs contributes the tasks it stored (incremental.py). Defaults that depend
-    on the base or the sources (ridge, base_instructions_weight, positions "auto") are filled in by _resolve."""
+    on the base or the sources (ridge, base_instructions_weight, positions "auto") come from methods.resolve_defaults."""
     start = time.perf_counter()
     options = MergeOptions(weights=weights, density=density, seed=seed, rank=rank, target_weight=target_weight, ridge=ridge,
                            base_instructions_weight=base_instructions_weight, positions=positions, reg_positions=reg_positions,
@@ -98,34 +98,33 @@ def merge(
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
-    options = _resolve(spec, options, base, inputs.adapters)
+    options = resolve_defaults(options, spec, len(base.info.get("instructions") or []), inputs.adapters, base.name_or_path)
     timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
     prompts, gram, reg_info, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
     timings["features"], solve_start = time.perf_counter() - features_start, time.perf_counter()
     kv_deltas, kv_factors, other, solve_info = _solve(spec, options, inputs, targets, gram)
-    timings["solve"], timings["report_start"] = time.perf_counter() - solve_start, time.perf_counter()
+    timings["solve"] = time.perf_counter() - solve_start
     merged_adapter = _build_adapter(inputs, base, kv_deltas, kv_factors, other, as_lora, rank if "rank" in spec.reads else None, task)
+    report_start = time.perf_counter()
     features_info = {"prompts": prompts, "gram": gram, "reg": reg_info, "reg_prompts": reg_prompts, "probes": probes}
     merge_report = _full_report(spec, options, inputs, targets, base, merged_adapter, kv_factors or kv_deltas, other,
                                 solve_info, features_info)
-    merge_report["time_s"] = {**timings, "report": time.perf_counter() - timings.pop("report_start"),
-                              "total": time.perf_counter() - start}
+    timings["report"] = time.perf_counter() - report_start
+    merge_report["time_s"] = {**timings, "total": time.perf_counter() - start}
     record = MergeRecord(method=method, sources=_sources(inputs, weights), options=dataclasses.asdict(options), report=merge_report)
     merged_adapter.extra = {"merge": record.to_dict()}
     packed = _constraints(spec, inputs, merge_report, base, options.positions, merged_adapter)
     result = MergeResult(adapter=merged_adapter, report=merge_report, updates=kv_deltas)
-    result.path = _save(merged_adapter, output, packed) if output else None
+    return _write(result, base, output, output_pipeline, packed)
+
+
+def _write(result: MergeResult, base: Base, output: str | None, output_pipeline: str | None, packed) -> MergeResult:
+    """Save the merged adapter (with an lsq merge's constraints) and the fused pipeline where asked."""
+    if output:
+        result.path = _save(result.adapter, output, packed)
     if output_pipeline:
-        result.pipeline_path = fuse_into_pipeline(base, merged_adapter, output_pipeline)
+        result.pipeline_path = fuse_into_pipeline(base, result.adapter, output_pipeline)
     return result
-
-
-def _resolve(spec, options: MergeOptions, base: Base, adapters: list[Adapter]) -> MergeOptions:
-    """The options with every default that depends on the base or the sources filled in: least squares' ridge and
-    base-instruction weight (methods.resolve_lsq_defaults) and its target positions (resolve_positions)."""
-    if spec.family == "lsq":
-        options = resolve_lsq_defaults(options, len(base.info.get("instructions") or []), base.name_or_path)
-    return dataclasses.replace(options, positions=resolve_positions(options.positions, adapters))
 
 
 def _full_report(spec, options: MergeOptions, inputs: _Inputs, targets, base, merged_adapter, solved, other, solve_info, info) -> dict:
@@ -167,21 +166,6 @@ def _constraints(spec, inputs: _Inputs, merge_report: dict, base: Base, position
     packed = incremental.pack(inputs.tasks, positions, features.text_encoder_probe(base.pipe), drifts)
     incremental.attach(merged_adapter, packed)
     return packed
-
-
-def resolve_positions(positions: str, adapters: list[Adapter]) -> str:
-    """The target rule "auto" stands for: eos+padding when every source was trained with K/V preservation (or is a
-    merge that used eos+padding), else eos, the paper's rows. Constraining the padding directions pays only when the
-    sources leave them alone elsewhere; otherwise their targets conflict there (features.py, README)."""
-    if positions != "auto":
-        return positions
-
-    def preserved(adapter: Adapter) -> bool:
-        if adapter.merge:
-            return (adapter.merge.options or {}).get("positions") == "eos+padding"
-        return float(adapter.training.get("kv_preservation") or 0) > 0
-
-    return "eos+padding" if all(preserved(a) for a in adapters) else "eos"
 
 
 def _prepare_inputs(adapters: list, base: Base, force: bool, as_lora: bool) -> _Inputs:
