@@ -271,6 +271,19 @@ def test_features_are_cached_per_base(tiny_base, feature_cache, monkeypatch):
         assert torch.equal(weight, second.adapter.tensors[name])
 
 
+def test_cached_instruction_rows_follow_the_padding_direction_count(tiny_base, feature_cache, monkeypatch):
+    """eos+padding rows keep PADDING_DIRECTIONS principal directions of each padding block: a cache entry written
+    with another count must not be reused (it would give the merge rows of the wrong kind, silently)."""
+    texts = ["derain the image", "make it a cartoon"]
+    three = features.instruction_features(tiny_base, texts, "eos+padding")
+    monkeypatch.setattr(features, "PADDING_DIRECTIONS", 1)
+    one = features.instruction_features(tiny_base, texts, "eos+padding")
+    eos = features.instruction_features(tiny_base, texts, "eos")
+    for t in texts:
+        assert one[t].shape[0] == eos[t].shape[0] + 1 and three[t].shape[0] > one[t].shape[0]
+        assert torch.equal(one[t][:-1], eos[t]) and torch.allclose(one[t][-1], three[t][eos[t].shape[0]])
+
+
 def test_regularization_prompts_file(tiny_base, tmp_path):
     builtin = features.read_prompts()
     assert len(builtin) >= 501 and "" in builtin

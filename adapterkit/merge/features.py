@@ -105,13 +105,14 @@ def select_rows(ids: torch.Tensor, hidden: torch.Tensor, eos_id: int, positions:
     return rows
 
 
-def padding_directions(block: torch.Tensor, k: int = PADDING_DIRECTIONS) -> torch.Tensor:
+def padding_directions(block: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """(<= k, d_text): the top-k principal directions of one instruction's padding rows (n_pad, d_text), each scaled by
     its singular value / sqrt(n_pad), the root-mean-square size of the block along it. A weight that matches the
     adapter on these rows matches it on the block up to the energy outside them (builtin:tiny v2: 3 directions hold
     99.8% of the empty prompt's rows; the padding positions are 70 of the 77 rows the UNet reads)."""
     if block.shape[0] == 0:  # a truncated prompt ends in EOS at position 76: no padding
         return block
+    k = PADDING_DIRECTIONS if k is None else k  # read at call time, as the cache key reads it
     _u, s, vh = torch.linalg.svd(block.double(), full_matrices=False)
     k = min(k, int((s > s[0] * 1e-6).sum()))
     return s[:k, None] * vh[:k] / block.shape[0] ** 0.5
@@ -122,7 +123,8 @@ def instruction_features(base, instructions: list[str], positions: str = "eos", 
     texts = sorted(set(instructions))
     if not texts:
         return {}
-    key = _cache_key(base, "instructions", texts, positions)
+    # The rows depend on how many padding directions are kept: a cache entry made with another count is not reused.
+    key = _cache_key(base, "instructions", texts, positions + (f"/{PADDING_DIRECTIONS}" if positions == "eos+padding" else ""))
     cached = _read_cache(base, key)
     if cached is not None and all(f"text.{_text_id(t)}" in cached for t in texts):
         return {t: cached[f"text.{_text_id(t)}"].double() for t in texts}
