@@ -51,6 +51,12 @@ class Base:
     def unet(self):
         return self.pipe.unet
 
+    @property
+    def instructions(self) -> list[str]:
+        """The edit instructions the base was trained to follow (adapterkit_base.json "instructions"; builtin:tiny's
+        general edits), empty where it records none: a bank routes them to the base, a merge keeps them (merge/)."""
+        return list(self.info.get("instructions") or [])
+
     def sampler(self, steps: int | None = None, guidance: float | None = None, image_guidance: float | None = None) -> Sampler:
         """The sampler settings to use: each one given, else the base's recorded default, else the blog's."""
         return resolve_sampler(self.info, steps=steps, guidance=guidance, image_guidance=image_guidance)

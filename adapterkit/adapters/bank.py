@@ -66,7 +66,7 @@ class AdapterBank:
         self._adapters: dict[str, Adapter] = {}
         self._router = Router(lambda texts: encode_instructions(self.pipe, texts), read_background())
         self._router_stale = True
-        self._base_instructions = {normalise_instruction(i) for i in base.info.get("instructions", [])}
+        self._base_instructions = {normalise_instruction(i) for i in base.instructions}
         self._active: str | None = None
         self._residency = Residency(next(iter(self._kv_layers.values())).weight.device, max_resident)
         self._row_weights: dict = {}  # task -> batched.RowWeights, made on first use in edit_batch

@@ -158,7 +158,7 @@ def with_base_instructions(base, gram: torch.Tensor, rows: int, weight: float, q
     """(M', effective rows): the regularization Gram M of `rows` rows with every row of the base's own instructions
     (adapterkit_base.json "instructions") counted `weight` times: M' = (n M + w n_b M_b) / (n + w n_b). Listing them
     in --reg-prompts would count them once (prompts are deduplicated), among 50,000-odd rows of other prompts."""
-    recorded = list(base.info.get("instructions") or [])
+    recorded = base.instructions
     if weight <= 0 or not recorded:
         return gram, float(rows)
     own_gram, own_rows = regularization_gram(base, recorded, quiet=quiet, positions=positions)

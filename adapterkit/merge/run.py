@@ -98,7 +98,7 @@ def merge(
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
-    options = resolve_defaults(options, spec, len(base.info.get("instructions") or []), inputs.adapters, base.name_or_path)
+    options = resolve_defaults(options, spec, len(base.instructions), inputs.adapters, base.name_or_path)
     timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
     prompts, gram, reg_info, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
     timings["features"], solve_start = time.perf_counter() - features_start, time.perf_counter()
@@ -206,7 +206,7 @@ def _text_features(base: Base, inputs: _Inputs, reg_prompts, options: MergeOptio
     weight = options.base_instructions_weight or 0.0  # resolved for least squares; None for the baselines
     gram, effective = features.with_base_instructions(base, gram, reg_rows, weight, quiet, options.reg_positions)
     reg_info = {"rows": reg_rows, "effective_rows": effective,
-                "base_instructions": len(base.info.get("instructions") or []) if weight else 0, "base_instructions_weight": weight}
+                "base_instructions": len(base.instructions) if weight else 0, "base_instructions_weight": weight}
     probe = features.text_encoder_probe(base.pipe)
     stored = [incremental.expand(a, options.positions, probe) if expand else None for a in inputs.adapters]
     texts = [t for a, s in zip(inputs.adapters, stored) if s is None for t in a.instructions]
