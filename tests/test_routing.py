@@ -6,7 +6,9 @@ import pytest
 from adapterkit.testing import random_custom_diffusion, random_lora
 
 from adapterkit.adapters.bank import AdapterBank
-from adapterkit.adapters.routing import stem
+import torch
+
+from adapterkit.adapters.routing import Router, content_words, read_background, stem
 from adapterkit.base import load_base
 from adapterkit.demo import tasks
 
@@ -55,6 +57,20 @@ def test_threshold_is_calibrated_per_bank_and_can_be_overridden(bank):
 
 def test_stemming_joins_word_forms():
     assert stem("noisy") == stem("noise") and stem("cartoonize") == stem("cartoon") and stem("rain") == "rain"
+
+
+def test_function_words_carry_no_evidence():
+    """A particle the background corpus rarely holds ("out": 2 of 684 prompts) weighed like a task's own word, and
+    "zoom out a little" went to a desnow adapter storing "take out the snow" (bench/fresh_tasks.py)."""
+    router = Router(lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=1), read_background())
+    router.set_tasks({"desnow": ["remove the snow", "desnow the image", "remove the falling snow",
+                                 "clear the snowflakes from the photo", "take out the snow"],
+                      "derain": list(tasks.TASKS["derain"].instructions)})
+    assert content_words("take out the snow from it") == ["take", "snow"]
+    for text in ("zoom out a little", "even out the surfaces", "make it out of focus"):
+        assert router.parts(text)[0]["desnow"] == 0.0, text
+    lex, _ = router.parts("take the snow out")
+    assert lex["desnow"] > 0.5 and lex["derain"] == 0.0
 
 
 def test_a_bank_of_one_task_storing_one_instruction_routes():

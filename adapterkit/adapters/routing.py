@@ -1,10 +1,10 @@
 """Routing an instruction to a bank's task: lexical evidence plus text-encoder similarity, threshold per bank.
 
 Features of a query q against task t (stored instructions S_t):
-- lexical: the query's words are stemmed (a light suffix stripper: "noisy" ~ "noise", "cartoonize" ~ "cartoon");
-  each word carries its inverse document frequency over a background corpus (the merge's built-in
-  regularization prompts, captions and edit instructions of many kinds, plus the bank's own instructions), so
-  "make", "the", "image" weigh little and "rain", "noise", "underexposed" much. The task's vector is the mean of
+- lexical: the query's words, function words dropped (FUNCTION_WORDS), are stemmed (a light suffix stripper:
+  "noisy" ~ "noise", "cartoonize" ~ "cartoon"); each word carries its inverse document frequency over a background
+  corpus (the merge's built-in regularization prompts, captions and edit instructions of many kinds, plus the bank's
+  own instructions), so "make", "image" weigh little and "rain", "noise", "underexposed" much. The task's vector is the mean of
   its instructions' tf-idf vectors (a word in every phrasing of the task weighs more than one in a single
   phrasing; minus beta x the word's largest share in another task); lex(q, t) is the cosine of the query's vector
   with it, where a query word matches a task word fully when the stems are equal and half when one (>= 4 letters)
@@ -35,6 +35,18 @@ import torch
 BACKGROUND_FILE = ("merge", "reg_prompts.txt")
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 1.0)  # encoder weight grid searched per bank
 BETAS = (0.0, 0.5, 1.0)  # weight of other tasks' word shares subtracted from a task's (Rocchio's negative centroid)
+# Function words (articles, pronouns, prepositions and particles, conjunctions, forms of be / do / have) name no
+# edit, yet the background corpus is small and made of captions and edit phrasings, so a particle it rarely holds
+# ("out": 2 of 684 prompts) weighed like a task's own word: "zoom out a little", "make it out of focus" and "even
+# out the surfaces" went to a desnow adapter storing "take out the snow" (bench/fresh_tasks.py, routing 36 of 44;
+# 39 without them, builtin:tiny's four tasks unchanged at 44 of 48). Words of quantity or negation ("more", "less",
+# "few", "only", "not") stay: they tell edits apart.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those it its i me my we us our you your he him his she her they them their
+of in on at to from by with without into onto out up down off over under about around through across along
+away back upon within and or but nor so as than then if
+is are was were be been being am do does did have has had
+""".split())
 _SUFFIXES = ("izations", "ization", "izing", "ized", "izes", "ize", "ising", "ised", "ise", "ness", "ing", "ed",
              "es", "s", "er", "y", "e")
 
@@ -49,6 +61,11 @@ def read_background() -> list[str]:
 
 def words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
+
+
+def content_words(text: str) -> list[str]:
+    """`words` without FUNCTION_WORDS: what the lexical score compares."""
+    return [w for w in words(text) if w not in FUNCTION_WORDS]
 
 
 def stem(word: str) -> str:
@@ -85,10 +102,10 @@ class Router:
 
     def set_tasks(self, tasks: dict[str, list[str]]) -> None:
         self.tasks = {t: list(i) for t, i in tasks.items() if i}
-        self._docs = {t: [{stem(w) for w in words(text)} for text in i] for t, i in self.tasks.items()}
+        self._docs = {t: [{stem(w) for w in content_words(text)} for text in i] for t, i in self.tasks.items()}
         self._frac = {t: _shares(docs) for t, docs in self._docs.items()}
         self._features = {t: self.encode(i) for t, i in self.tasks.items()}
-        docs = [{stem(w) for w in words(text)} for text in self.background] + [d for ds in self._docs.values() for d in ds]
+        docs = [{stem(w) for w in content_words(text)} for text in self.background] + [d for ds in self._docs.values() for d in ds]
         counts: dict[str, int] = {}
         for doc in docs:
             for w in doc:
@@ -126,7 +143,7 @@ class Router:
         the other tasks keep their full vectors)."""
         query = self.encode([text])[0] if query is None else query
         vectors = dict(self._task_vectors(self.beta if beta is None else beta))
-        q_words = list(dict.fromkeys(stem(w) for w in words(text)))
+        q_words = list(dict.fromkeys(stem(w) for w in content_words(text)))
         q_norm = math.sqrt(sum(self.idf(w) ** 2 for w in q_words)) or 1.0
         lex, cosines = {}, {}
         for t, (vector, norm, other) in vectors.items():
