@@ -161,6 +161,8 @@ def _with(options):
               help="Instruction per row: the row's own, or the task adapter's stored instructions in turn.")
 @click.option("--clip-model", default=None, help="CLIP checkpoint (folder or hub id) for CLIP image and directional similarity.")
 @_with(sampler_options)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Rows of one column per pipeline call (outputs match one-at-a-time to 1/255); 1: one at a time.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Row r uses seed + r in every column.")
 @click.option("--resolution", default=None, type=click.IntRange(8, 4096),
               help="Shorter side of the inputs (multiples of 8). Default: the base's own resolution, else 256.")

@@ -197,19 +197,25 @@ def test_eval_reads_a_demo_data_eval_folder_and_labels_the_split_read_issue_19(s
 
 
 def test_rerun_with_one_more_adapter_computes_only_the_new_column(setup, first_run, monkeypatch, tmp_path):
+    import adapterkit.adapters.batch_edit
     import adapterkit.inference
 
     output = str(tmp_path / "rerun")  # a copy, so other tests keep reading the first run's report
     shutil.copytree(first_run["output"], output)
 
-    calls = []
-    real = adapterkit.inference.run_pipeline
+    calls = []  # one instruction per image edited, one at a time (edit) or batched (edit_batch's run_group)
+    real, real_group = adapterkit.inference.run_pipeline, adapterkit.adapters.batch_edit.run_group
 
     def counting(pipe, image, instruction, **options):
         calls.append(instruction)
         return real(pipe, image, instruction, **options)
 
+    def counting_group(bank, images, instructions, *args, **options):
+        calls.extend(instructions)
+        return real_group(bank, images, instructions, *args, **options)
+
     monkeypatch.setattr(adapterkit.inference, "run_pipeline", counting)
+    monkeypatch.setattr(adapterkit.adapters.batch_edit, "run_group", counting_group)
     before = {p: _png(os.path.join(output, "images", p)) for p in ("derain/base/0.png", "denoise/merged/1.png")}
     result = run_eval(setup, output, ["derain", "denoise", "merged", "derain-lora"])
     assert result.exit_code == 0, result.output
@@ -227,6 +233,38 @@ def test_rerun_with_one_more_adapter_computes_only_the_new_column(setup, first_r
     again = run_eval(setup, output, ["derain"], "--steps", "2", "--limit", "1")
     assert again.exit_code == 0, again.output
     assert len(calls) == 2  # base and derain on one row
+
+
+def test_batched_generation_matches_one_at_a_time(setup, first_run, monkeypatch, tmp_path):
+    """The default --batch-size 8 edits each (task, column)'s rows in one pipeline call; --batch-size 1 edits them
+    one at a time (the first run's images, made with the default, are the batched side)."""
+    import adapterkit.adapters.batch_edit
+
+    groups = []
+    real_group = adapterkit.adapters.batch_edit.run_group
+
+    def counting_group(bank, images, *args, **options):
+        groups.append(len(images))
+        return real_group(bank, images, *args, **options)
+
+    monkeypatch.setattr(adapterkit.adapters.batch_edit, "run_group", counting_group)
+    output = str(tmp_path / "one-at-a-time")
+    result = run_eval(setup, output, ["derain", "denoise", "merged"], "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert groups == []  # nothing batched
+    worst = 0
+    for task, columns in (("derain", ("base", "derain", "merged")), ("denoise", ("base", "denoise", "merged"))):
+        for column in columns:
+            for row in range(ROWS_PER_TASK):
+                path = os.path.join("images", task, column, f"{row}.png")
+                a, b = _png(os.path.join(first_run["output"], path)), _png(os.path.join(output, path))
+                worst = max(worst, int(np.abs(a.astype(int) - b.astype(int)).max()))
+    assert worst <= 1, worst
+    rerun = run_eval(setup, str(tmp_path / "batched"), ["derain", "denoise", "merged"])
+    assert rerun.exit_code == 0 and groups == [ROWS_PER_TASK] * 6  # 2 tasks x 3 columns, one call each
+    bad = run_eval(setup, str(tmp_path / "bad"), ["derain"], "--batch-size", "0")
+    assert bad.exit_code == 2 and "--batch-size" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_clip_metrics_end_to_end_match_transformers(setup, first_run):
