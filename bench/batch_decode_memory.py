@@ -22,11 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.p
 from common import emit, machine  # noqa: E402  (first: it sets the OpenMP wait policy before torch loads)
 
 CHILD = r"""
-import json, resource, sys, time, torch
-from diffusers import AutoencoderKL
-torch.manual_seed(0)
-vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4).eval()
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[4])
+from common import sd15_vae
+import torch
+vae = sd15_vae(seed=0).eval()
 batch, side, sliced = int(sys.argv[1]), int(sys.argv[2]) // 8, sys.argv[3] == "1"
 vae.use_slicing = sliced
 latents = torch.randn(batch, 4, side, side)
@@ -41,8 +41,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_rise_mb": rise}))
 
 
 def measure(batch: int, resolution: int, sliced: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(resolution), "1" if sliced else "0"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(resolution), "1" if sliced else "0",
+                          os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -86,9 +86,21 @@ def sd15_unet(seed: int = 0):
     )
 
 
+def sd15_vae(seed: int | None = None):
+    """SD1.5's VAE (AutoencoderKL, 83.7M parameters) with random weights; `seed` seeds them (None: as torch stands)."""
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
 def sd15_pipeline(seed: int = 0):
     """SD1.5-sized IP2P pipeline with random weights: UNet, CLIP ViT-L/14 text encoder, SD VAE, tiny tokenizer."""
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from adapterkit.tiny import make_tiny_tokenizer
@@ -96,10 +108,7 @@ def sd15_pipeline(seed: int = 0):
     tokenizer = make_tiny_tokenizer()
     vocab = tokenizer.get_vocab()
     unet = sd15_unet(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = sd15_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
         max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
