@@ -46,6 +46,9 @@ class Base:
     fingerprint: str
     resolution: int = IP2P_TRAINING_RESOLUTION  # the base's own training resolution when recorded
     info: dict = field(default_factory=dict)  # contents of adapterkit_base.json, when present
+    # compute_fingerprint of the K/V as they sit in memory: `fingerprint` except on a base cast to bfloat16 after its
+    # load (_load_dtype). AdapterBank checks it to catch an adapter another bank left active. "": same as fingerprint.
+    loaded_fingerprint: str = ""
 
     @property
     def unet(self):
@@ -149,7 +152,8 @@ def unwrap_compiled(module):
 def compute_fingerprint(unet) -> str:
     """16 hex digits of sha256 over the UNet's shape config and its attn2 K/V weights.
 
-    Weights are hashed after rounding to float16, so the same base loaded in fp32 or fp16 has one fingerprint.
+    Weights are hashed after rounding to float16, so the same base loaded in fp32 or fp16 has one fingerprint
+    (load_base fingerprints a bfloat16 base before its cast: _load_dtype).
     Compute it on the pristine base, before any adapter changes K/V in place.
     """
     digest = hashlib.sha256()
@@ -195,19 +199,30 @@ def load_base(
                 "the bundled tiny base is missing from this install; reinstall adapterkit or build it with "
                 "scripts/build_tiny_base.py"
             )
-        pipe = _from_pretrained(path, name_or_path, dtype, convert_sd15)
+        pipe = _from_pretrained(path, name_or_path, _load_dtype(dtype), convert_sd15)
     info = read_base_info(name_or_path)
     _check_tokenizer(pipe, name_or_path)
-    if device is not None or dtype != torch.float32:
+    fingerprint = compute_fingerprint(pipe.unet)  # before a bfloat16 cast (see _load_dtype)
+    cast = dtype != pipe.unet.dtype
+    if device is not None or cast:
         pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return Base(
         pipe=pipe,
         name_or_path=name_or_path,
-        fingerprint=compute_fingerprint(pipe.unet),
+        fingerprint=fingerprint,
+        loaded_fingerprint=compute_fingerprint(pipe.unet) if cast else fingerprint,
         resolution=int(info.get("resolution", IP2P_TRAINING_RESOLUTION)),
         info=info,
     )
+
+
+def _load_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the weights are read in. The fingerprint rounds K/V to float16, which gives the same bits from a
+    float32 or a float16 load, but not from a bfloat16 one (7 mantissa bits, rounded again): a bfloat16 load refused
+    every adapter made on the float32 base as made for another base. So bfloat16 (or any other dtype) is read in
+    float32, fingerprinted, then cast."""
+    return dtype if dtype in (torch.float32, torch.float16) else torch.float32
 
 
 def read_base_info(name_or_path: str) -> dict:

@@ -10,13 +10,11 @@ import sys
 
 import click
 
+from .cli_options import BASE_HELP, SPEC_HELP, device_options, generation_options, sampler_options, with_options
 from .errors import AdapterkitError, first_line
-from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 from .merge import methods as merge_methods  # the merge registry: names, defaults, choices (no torch)
 from .threads import configure_threads
 
-BASE_HELP = "IP2P base: hub id, local diffusers folder, builtin:tiny (bundled, trained) or builtin:tiny-random."
-SPEC_HELP = " A folder without adapter.json takes its task and instructions as DIR::task=NAME::instruction=TEXT (or adopt it with `adapterkit import`)."
 
 
 class AdapterkitGroup(click.Group):
@@ -49,30 +47,6 @@ def main():
     configure_threads()  # before any command imports torch: OpenMP threads sleep, not spin (adapterkit/threads.py)
 
 
-def sampler_options() -> list:
-    """--steps/--guidance/--image-guidance: unset means the base's recorded default, else the blog's (issue 18)."""
-    recorded = "the base's recorded default (adapterkit_base.json), else"
-    return [
-        click.option("--steps", default=None, type=click.IntRange(1, 1000), help=f"Denoising steps [default: {recorded} {DEFAULT_STEPS}]"),
-        click.option("--guidance", default=None, type=float, help=f"Text guidance scale s_T [default: {recorded} {DEFAULT_GUIDANCE:g}]"),
-        click.option("--image-guidance", default=None, type=float, help=f"Image guidance scale s_I [default: {recorded} {DEFAULT_IMAGE_GUIDANCE:g}]"),
-    ]
-
-
-def generation_options(f):
-    """--steps/--guidance/--image-guidance/--seed/--resolution, shared by commands that run the pipeline."""
-    options = [
-        *sampler_options(),
-        click.option("--seed", default=0, show_default=True, type=int, help='Seed of torch.Generator("cpu") passed to the pipeline.'),
-        click.option("--resolution", default=None, type=click.IntRange(8, 4096),
-                     help="Resize so the shorter side is this (multiples of 8). Default: the input's own size "
-                          "(edited at sides rounded down to the VAE's multiple, then resized back)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
 @main.command("edit")
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction." + SPEC_HELP)
@@ -83,7 +57,7 @@ def generation_options(f):
 @click.option("--batch-size", default=8, show_default=True, type=int, help="--jobs: jobs per pipeline call, adapters mixed in one batch; 1: one at a time.")
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@generation_options
+@with_options(generation_options)
 def edit_command(adapters, images, instruction, jobs, output, batch_size, force, quiet, base, **options):
     """Edit IMAGES with an instruction, or run a --jobs file, on a base with optional adapters."""
     from .edit import edit, edit_jobs
@@ -128,15 +102,6 @@ def make_tiny_base_command(output, seed):
     click.echo(save_tiny_pipeline(output, seed=seed))
 
 
-def _with(options):
-    """Decorator adding a list of click options (in order) to a command."""
-    def decorate(f):
-        for option in reversed(options()):
-            f = option(f)
-        return f
-    return decorate
-
-
 # Commands of later issues register below, one block each: train, merge, eval, demo.
 
 
@@ -160,12 +125,13 @@ def _with(options):
 @click.option("--instructions", default="data", show_default=True, type=click.Choice(["data", "adapter"]),
               help="Instruction per row: the row's own, or the task adapter's stored instructions in turn.")
 @click.option("--clip-model", default=None, help="CLIP checkpoint (folder or hub id) for CLIP image and directional similarity.")
-@_with(sampler_options)
+@with_options(sampler_options)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
               help="Rows of one column per pipeline call (outputs match one-at-a-time to 1/255); 1: one at a time.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Row r uses seed + r in every column.")
 @click.option("--resolution", default=None, type=click.IntRange(8, 4096),
               help="Shorter side of the inputs (multiples of 8). Default: the base's own resolution, else 256.")
+@with_options(device_options)
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(adapters, **options):
@@ -382,14 +348,14 @@ def demo_command(output, base, train_steps, merge_prior, quiet):
 @click.option("--queue", default=64, show_default=True, type=click.IntRange(1), help="Most waiting requests; more get 503 with Retry-After.")
 @click.option("--timeout", "timeout_s", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Seconds a request may take (queue + compute); then 504.")
 @click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True), help="Largest request body; larger ones get 413.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda, mps, else cpu), cpu, cuda, cuda:1, ...")
+@with_options(device_options)
 @click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNet (after sizing the LoRA slot, so swaps do not recompile).")
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
-def serve_command(base, adapters, adapter_dir, host, port, device, compile_unet, force, **limits):
+def serve_command(base, adapters, adapter_dir, host, port, device, dtype, compile_unet, force, **limits):
     """Serve a base and its adapters over HTTP: POST /v1/edit, a web page at /, /metrics, /docs. Needs the [serve] extra."""
     from .demo.samples import sample_pngs
     from .serve.run import serve
     from .serve.settings import ServeSettings
 
     serve(base, list(adapters), adapter_dir, host=host, port=port, settings=ServeSettings(**limits), device=device,
-          force=force, compile=compile_unet, samples=sample_pngs())
+          dtype=dtype, force=force, compile=compile_unet, samples=sample_pngs())

@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 from .adapters import load_adapter
 from .adapters.bank import AUTO, AdapterBank
 from .base import load_base
+from .devices import AUTO as AUTO_DEVICE
+from .devices import describe as describe_device
+from .devices import placement
 from .errors import AdapterkitError
 from .fileio import atomic_file, write_json
 from .inference import MIN_EDIT_SIDE, at_input_size, open_image, too_small_to_edit
@@ -30,6 +33,12 @@ class JobsResult:
     swap_count: int = 0  # adapter changes between consecutive jobs (what a one-job-per-call run swaps)
     batches: int = 0  # pipeline calls (edit_batch chunks)
     sampler: dict = field(default_factory=dict)  # steps, guidance, image_guidance used and each one's source
+    device: dict = field(default_factory=dict)  # {"device": "cuda", "dtype": "float16"}: where the jobs ran
+
+
+def placed(bank: AdapterBank) -> dict:
+    """Where the bank's pipeline runs: {"device": "cpu", "dtype": "float32"}."""
+    return {"device": bank.pipe.device.type, "dtype": str(bank.pipe.unet.dtype).replace("torch.", "")}
 
 
 def _sampler_options(bank: AdapterBank, options: dict, log) -> tuple[dict, object]:
@@ -68,11 +77,17 @@ def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]],
     return bool(large)
 
 
-def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, device=None) -> AdapterBank:
-    base = load_base(base_name, device=device)
+def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, device: str = AUTO_DEVICE,
+              dtype: str = AUTO_DEVICE, log=None) -> AdapterBank:
+    """The base on `device` in `dtype` (devices.py: auto is the GPU in float16 when torch sees one, else the CPU in
+    float32) with every adapter folder in a bank; `log` gets the 'device: ...' line."""
+    device, dtype = placement(device, dtype)  # a bad --device fails before the slow load
+    base = load_base(base_name, dtype=dtype, device=device)
     bank = AdapterBank(base, force=force)
     for folder in adapter_dirs:
         bank.add(load_adapter(folder))
+    if log is not None:  # once every adapter loaded: a refused one is the only line printed
+        log(describe_device(device, dtype))
     return bank
 
 
@@ -106,13 +121,15 @@ def edit(
     force: bool = False,
     quiet: bool = False,
     log=None,
+    device: str = AUTO_DEVICE,
+    dtype: str = AUTO_DEVICE,
     **options,
 ) -> list[str]:
     """Edit each image with `instruction`. With one adapter it is applied; with several, routed by instruction.
 
     One image: `output` is the file path. Several: `output` is a folder; each result is `<stem>.png` inside.
     `options`: steps, guidance, image_guidance (unset: the base's recorded defaults, else 20 / 7 / 1.5), seed,
-    resolution; `log(line)` receives the sampler settings used.
+    resolution; `device` / `dtype` as make_bank's; `log(line)` receives the device and sampler settings used.
     """
     if not images:
         raise AdapterkitError("no input image given; pass one or more image paths")
@@ -125,7 +142,7 @@ def edit(
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     for path, img in zip(images, loaded):
         check_edit_size(path, img, options.get("resolution"))
-    bank = make_bank(base, list(adapters), force=force)
+    bank = make_bank(base, list(adapters), force=force, device=device, dtype=dtype, log=log)
     options, _ = _sampler_options(bank, options, log)
     if note_large_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log) and not quiet:
         bank.pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")  # minutes per image: show the steps
@@ -213,6 +230,8 @@ def edit_jobs(
     quiet: bool = False,
     log=None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = AUTO_DEVICE,
+    dtype: str = AUTO_DEVICE,
     **options,
 ) -> JobsResult:
     """Run every row of a jobs file on one loaded base, `batch_size` rows per pipeline call (AdapterBank.edit_batch:
@@ -224,12 +243,12 @@ def edit_jobs(
     if batch_size < 1:
         raise AdapterkitError(f"--batch-size must be at least 1, got {batch_size}")
     rows, errors = read_jobs(jobs)
-    bank = make_bank(base, list(adapters), force=force)
+    bank = make_bank(base, list(adapters), force=force, device=device, dtype=dtype, log=log)
     if any("adapter" not in row for _number, row in rows):  # rows without "adapter" are routed
         refuse_unroutable(bank)
     options, sampler = _sampler_options(bank, options, log)
     os.makedirs(output, exist_ok=True)
-    result = JobsResult(errors=errors, sampler=sampler.record())
+    result = JobsResult(errors=errors, sampler=sampler.record(), device=placed(bank))
     seed = int(options.pop("seed", 0))  # each job carries its seed: the row's, else --seed
     prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, options.get("resolution"),
                              result.errors)
@@ -254,5 +273,6 @@ def edit_jobs(
             bar.update(len(chunk))
     # File order (issue 19): rows rejected while reading the file were listed before rows that failed when edited.
     result.errors.sort(key=lambda error: int(error.split(":", 1)[0].removeprefix("line ")))
-    write_json(os.path.join(output, "results.json"), {"sampler": result.sampler, "done": records, "errors": result.errors, "batches": result.batches})
+    write_json(os.path.join(output, "results.json"), {"sampler": result.sampler, "device": result.device, "done": records,
+                                                       "errors": result.errors, "batches": result.batches})
     return result

@@ -18,6 +18,9 @@
    compiled across 10 swaps that mix both methods and the base (must be 0).
 5. Mixed-adapter batches (`AdapterBank.edit_batch`, when the installed adapterkit has it): images/s of one call
    editing 4 images with 4 different adapters vs 4 single edits.
+6. `adapterkit edit` as a user runs it, in a fresh process with the default --device / --dtype (auto: the GPU in
+   float16 when torch sees one): the device line it printed, its exit code and wall time (start-up and base load
+   included), and the largest pixel difference from the bank's own edit above.
 
 Prints one JSON object (machine, settings, each section) and a table per section.
 """
@@ -206,7 +209,36 @@ def mixed_batch_section(bank, image, gen: dict, repeats: int) -> dict:
             "single_images_per_s": round(len(tasks) / single_s, 3), "batch_speedup": round(single_s / batch_s, 3)}
 
 
-def inference_sections(base_dir: str, args) -> dict:
+def cli_section(bank, base_dir: str, workdir: str, image, gen: dict) -> dict:
+    """`python -m adapterkit edit` with one of the bank's adapters and no --device / --dtype (section 6)."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from adapterkit.adapters import Adapter, save_adapter
+
+    adapter = bank.get("cd_a")
+    saved = save_adapter(Adapter(**{**adapter.__dict__, "tensors": {k: v.detach().cpu().float() for k, v in adapter.tensors.items()}}),
+                         os.path.join(workdir, "cd_a"))
+    image_path, output = os.path.join(workdir, "in.png"), os.path.join(workdir, "cli.png")
+    image.save(image_path)
+    command = [sys.executable, "-m", "adapterkit", "edit", "--base", base_dir, "--adapter", saved, image_path,
+               "--instruction", "edit the image", "--output", output, "--steps", str(gen["steps"]), "--seed",
+               str(gen["seed"]), "--quiet"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    row = {"exit_code": done.returncode, "wall_s": round(seconds, 2),
+           "device_line": next((line for line in done.stderr.splitlines() if line.startswith("device:")), None)}
+    if done.returncode != 0:
+        return {**row, "error": done.stderr.strip().splitlines()[-1:]}
+    ours = np.asarray(bank.edit(image, "edit the image", task="cd_a", **gen)).astype(np.int16)
+    theirs = np.asarray(Image.open(output).convert("RGB")).astype(np.int16)
+    return {**row, "max_diff_vs_bank": int(np.abs(ours - theirs).max())}
+
+
+def inference_sections(base_dir: str, args, workdir: str) -> dict:
     from adapterkit.testing import random_image
 
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.float16)
@@ -217,6 +249,7 @@ def inference_sections(base_dir: str, args) -> dict:
         bank = random_bank(base_dir, device, dtype)
         out = {"swap": swap_rows(bank, args.swap_repeats)}
         out["mixed_batch"] = mixed_batch_section(bank, image, gen, args.edit_repeats)  # eager, before compiling
+        out["cli_edit"] = cli_section(bank, base_dir, workdir, image, gen)  # eager, as the command runs
         out["compile"] = compile_section(bank, image, gen, args.compile_backend, args.edit_repeats)
     out["edit_settings"] = {"size": size, "steps": steps, "dtype": str(dtype).replace("torch.", ""), "device": device}
     torch._dynamo.reset()
@@ -264,7 +297,7 @@ def main(argv=None) -> dict:
             finally:  # an AdapterBank sets up every registered method's swap: the baseline has none
                 full_finetune.unregister()
         if "inference" not in skip:
-            result.update(inference_sections(base_dir, args))
+            result.update(inference_sections(base_dir, args, workdir))
     result["total_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
     if args.json:
@@ -286,6 +319,8 @@ def print_tables(result: dict) -> None:
         print_table([result["compile"]], ["backend", "edit_eager_s", "edit_compiled_s", "compiled_speedup", "first_compiled_edit_s", "recompiles"])
         print()
         print_table([result["mixed_batch"]], list(result["mixed_batch"]))
+        print()
+        print_table([result["cli_edit"]], list(result["cli_edit"]))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
     compiled = result["compile"]
     assert compiled["recompiles"] == 0 and compiled["swaps"] == 10 and compiled["edit_compiled_s"] > 0
     assert "skipped" in result["mixed_batch"] or result["mixed_batch"]["batch_images_per_s"] > 0
+    cli = result["cli_edit"]  # `adapterkit edit` with the default device: the CPU here, in float32
+    assert cli["exit_code"] == 0 and cli["device_line"] == "device: cpu, float32" and cli["max_diff_vs_bank"] <= 1, cli
     assert "recompiles" in done.stdout and "s_per_step" in done.stdout  # the tables
 
 

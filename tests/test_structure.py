@@ -16,6 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "adapterkit"
 LAYERS = [
     ("adapterkit", "adapterkit.__main__"),  # the facade: lazy re-exports of the public API
     ("adapterkit.cli",),
+    ("adapterkit.cli_options",),  # click options several commands share
     ("adapterkit.demo",),
     ("adapterkit.testing",),  # factories for tests/ and bench/: builds adapters, merges features
     ("adapterkit.serve", "adapterkit.train", "adapterkit.merge", "adapterkit.eval", "adapterkit.edit", "adapterkit.adopt"),
@@ -23,7 +24,7 @@ LAYERS = [
     ("adapterkit.base",),
     ("adapterkit.tiny",),  # builds builtin:tiny-random for base.py
     ("adapterkit.data",),
-    ("adapterkit.inference", "adapterkit.fileio"),
+    ("adapterkit.inference", "adapterkit.fileio", "adapterkit.devices"),
     ("adapterkit.errors", "adapterkit.faults", "adapterkit.compat", "adapterkit.lazy", "adapterkit.threads"),
 ]
 BAND = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -54,7 +54,7 @@ class AdapterBank:
         self._route_threshold = route_threshold  # None: calibrated per bank
         self.force = force
         self._lock = threading.RLock()
-        if compute_fingerprint(self.pipe.unet) != base.fingerprint:
+        if compute_fingerprint(self.pipe.unet) != (base.loaded_fingerprint or base.fingerprint):
             raise AdapterkitError(
                 "the base's K/V weights no longer match its fingerprint (another bank left an adapter active?); "
                 "call deactivate() on the other bank or reload the base"

@@ -141,11 +141,15 @@ def _merge_line(merge: str, view: dict) -> str:
 
 
 def describe_sampler(generation: dict) -> str:
-    """The sampler line of the table and report.html: values and where each came from (given, base, blog)."""
+    """The sampler line of the table and report.html: values and where each came from (given, base, blog), and the
+    device and dtype the images were made with."""
     from ..base import Sampler
 
     source = generation.get("sampler_source") or {}
-    return Sampler(generation["steps"], generation["guidance"], generation["image_guidance"], source).describe()
+    line = Sampler(generation["steps"], generation["guidance"], generation["image_guidance"], source).describe()
+    if "device" in generation:  # reports written before session 21 do not record it
+        line += f"; device: {generation['device']}, {generation['dtype']}"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------- HTML

@@ -239,7 +239,8 @@ def evaluate(
     resolution: int | None = None,
     clip_model: str | None = None,
     force: bool = False,
-    device: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     quiet: bool = False,
 ) -> EvalResult:
@@ -248,22 +249,21 @@ def evaluate(
     `base` is a name/path for `load_base` or a loaded Base (it is not modified once the eval returns). Writes
     report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`. Sampler
     settings left at None: the base's recorded defaults, else the blog's 20 / 7 / 1.5 (report.json "generation").
-    `batch_size`: rows of one column per pipeline call (module docstring)."""
-    from ..base import Base, load_base
-
+    `batch_size`: rows of one column per pipeline call (module docstring). `device` / `dtype` (devices.py, for a
+    base given by name): auto is the GPU in float16 when torch sees one, else the CPU in float32."""
     _check_options(task_rows, instructions, limit, output, batch_size)
     columns, tasks = build_columns(list(adapters))
     data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,
                     "instruction_column": instruction_column, "split": split}
-    loaded = base if isinstance(base, Base) else load_base(base, device=device)
+    loaded = _load_base(base, device, dtype)
     resolution, dataset = resolution or loaded.resolution, open_rows(data, data_options, instructions)
     rows, left_out = load_rows(dataset, tasks, columns, data_options, task_rows, limit, instructions, resolution, seed)
     tasks = [t for t in tasks if t in rows]
-    scorers = load_scorers(clip_model, device or "cpu")
-    keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights
+    scorers = load_scorers(clip_model, str(loaded.pipe.device))
+    keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights (its dtype is in the hash)
     bank = _make_bank(loaded, columns, force)
     sampler = loaded.sampler(steps, guidance, image_guidance)  # issue 18: the base's own defaults unless given
-    settings = {**sampler.options(), "resolution": resolution}  # part of every cache key
+    settings = _generation_settings(loaded, sampler, resolution)
     folders = _task_folders(tasks)
     cache = OutputCache(os.path.join(output, "cache"))
     try:
@@ -278,6 +278,26 @@ def evaluate(
     report = build_report(loaded, data, data_options, {**settings, "sampler_source": dict(sampler.source)}, seed, columns,
                           sections, {**scorers.skipped, **{f"task {t}": why for t, why in left_out.items()}}, cache)
     return _write_outputs(output, report, cache)
+
+
+def _load_base(base, device: str, dtype: str):
+    """A Base given is used as it is; a name is loaded on `device` in `dtype` (devices.py; a bad device fails here,
+    before the load)."""
+    from ..base import Base, load_base
+    from ..devices import placement
+
+    if isinstance(base, Base):
+        return base
+    device, dtype = placement(device, dtype)
+    return load_base(base, dtype=dtype, device=device)
+
+
+def _generation_settings(loaded, sampler, resolution: int) -> dict:
+    """What decides every output besides its row, all part of every cache key: the sampler settings, the resolution,
+    and the kind of device and dtype (an output made on another device, other kernels and last bits, is not reused;
+    the dtype is in the base's hash as well)."""
+    return {**sampler.options(), "resolution": resolution, "device": loaded.pipe.device.type,
+            "dtype": str(loaded.pipe.unet.dtype).replace("torch.", "")}
 
 
 def _make_bank(loaded, columns: list[Column], force: bool):

@@ -5,35 +5,26 @@ from __future__ import annotations
 import logging
 
 from ..base import load_base
+from ..devices import describe
 from ..errors import AdapterkitError
 from .settings import ServeSettings
 
 log = logging.getLogger("adapterkit.serve")
 
 
-def pick_device(device: str) -> str | None:
-    """'auto': cuda when available, else mps, else the CPU; any other value is passed to torch as it is."""
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return None
-
-
 def build_catalog(base: str, adapters=(), adapter_dir: str | None = None, device: str = "auto", force: bool = False,
-                  compile: bool = False):
-    """The base loaded once with every --adapter and every adapter folder of --adapter-dir in its bank."""
+                  compile: bool = False, dtype: str = "auto"):
+    """The base loaded once (`device` / `dtype`: devices.py) with every --adapter and every adapter folder of
+    --adapter-dir in its bank."""
     import os
 
+    from ..devices import placement
     from .catalog import Catalog
 
     if adapter_dir and not os.path.isdir(adapter_dir):
         raise AdapterkitError(f"--adapter-dir {adapter_dir} is not a folder; create it or pass an existing one")
-    catalog = Catalog(load_base(base, device=pick_device(device)), adapter_dir=adapter_dir, force=force)
+    device, dtype = placement(device, dtype)  # a bad --device fails before the slow load
+    catalog = Catalog(load_base(base, dtype=dtype, device=device), adapter_dir=adapter_dir, force=force)
     for folder in adapters:
         catalog.add_folder(folder)
     for problem in catalog.load_dir():
@@ -62,7 +53,7 @@ def check_port(host: str, port: int) -> None:
 
 def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings | None = None, device: str = "auto", force: bool = False, compile: bool = False,
-          samples: dict[str, bytes] | None = None, log_level: str = "info") -> None:
+          samples: dict[str, bytes] | None = None, log_level: str = "info", dtype: str = "auto") -> None:
     """Serve `base` with its adapters on host:port (127.0.0.1 by default: only this machine can connect)."""
     try:
         import uvicorn
@@ -71,7 +62,9 @@ def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "1
     except ImportError as e:
         raise AdapterkitError(f"adapterkit serve needs the [serve] extra ({e.name} is missing): pip install 'adapterkit[serve]'") from None
     check_port(host, port)
-    catalog = build_catalog(base, adapters, adapter_dir, device=device, force=force, compile=compile)
+    catalog = build_catalog(base, adapters, adapter_dir, device=device, force=force, compile=compile, dtype=dtype)
     app = create_app(catalog, settings or ServeSettings(), samples=samples)
-    log.warning("serving %s with adapters %s on http://%s:%d", base, ", ".join(catalog.tasks) or "none", host, port)
+    pipe = catalog.bank.pipe
+    log.warning("serving %s with adapters %s on http://%s:%d (%s)", base, ", ".join(catalog.tasks) or "none", host, port,
+                describe(pipe.device.type, pipe.unet.dtype))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
