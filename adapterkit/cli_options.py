@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .devices import AUTO, DEVICE_HELP, DTYPE_HELP, DTYPE_NAMES
+from .devices import AUTO, DEFAULT_DTYPE, DEVICE_HELP, DTYPE_HELP, DTYPE_NAMES
 from .inference import DEFAULT_GUIDANCE, DEFAULT_IMAGE_GUIDANCE, DEFAULT_STEPS
 
 BASE_HELP = "IP2P base: hub id, local diffusers folder, builtin:tiny (bundled, trained) or builtin:tiny-random."
@@ -22,10 +22,10 @@ def sampler_options() -> list:
 
 
 def device_options() -> list:
-    """--device/--dtype (adapterkit/devices.py): the GPU in float16 when torch sees one, else the CPU in float32."""
+    """--device/--dtype (adapterkit/devices.py): the GPU when torch sees one, else the CPU; float32 unless asked."""
     return [
         click.option("--device", default=AUTO, show_default=True, help="Where the pipeline runs: " + DEVICE_HELP),
-        click.option("--dtype", default=AUTO, show_default=True, type=click.Choice(DTYPE_NAMES), help=DTYPE_HELP),
+        click.option("--dtype", default=DEFAULT_DTYPE, show_default=True, type=click.Choice(DTYPE_NAMES), help=DTYPE_HELP),
     ]
 
 

@@ -1,10 +1,10 @@
-"""Where the pipeline runs and in what precision: `--device` and `--dtype` of edit, eval, demo and serve.
+"""Where the pipeline runs and in what precision: `--device` and `--dtype` of edit, eval and serve.
 
-"auto" is what a diffusers user does by hand: the GPU when torch sees one (CUDA, else Apple's MPS), else the CPU;
-float16 on CUDA (diffusers' examples load IP2P with torch_dtype=torch.float16: half the memory, about twice the
-speed), float32 elsewhere (float16 on a CPU is slow; bfloat16 on one is fast only with native support, and is there
-to be asked for). Training picks its device through accelerate and its precision with --mixed-precision; merges
-run on the CPU (float64 solves).
+`--device auto` is what a user of a GPU expects from a command: the GPU when torch sees one (CUDA, else Apple's
+MPS), else the CPU. `--dtype` stays float32 unless asked (STYLE.md: safe defaults, speed opt-in, as diffusers
+loads in float32 unless given torch_dtype); float16 halves the weights' memory and runs on a GPU's half-precision
+units, bfloat16 likewise where the hardware has them. Training picks its device through accelerate and its
+precision with --mixed-precision; merges run on the CPU (float64 solves).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from .errors import AdapterkitError
 
 AUTO = "auto"
-DTYPE_NAMES = (AUTO, "float32", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DEFAULT_DTYPE = "float32"
 DEVICE_HELP = "auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps."
-DTYPE_HELP = "Weights and activations: auto (float16 on CUDA, else float32), float32, float16, bfloat16."
+DTYPE_HELP = "Precision of the weights and activations (float16: half the memory, a GPU's half-precision units)."
 
 
 def pick_device(name: str = AUTO) -> str:
@@ -41,21 +42,18 @@ def pick_device(name: str = AUTO) -> str:
     return str(device)
 
 
-def pick_dtype(name: str, device: str):
-    """'auto' -> torch.float16 on CUDA, torch.float32 elsewhere; a name of DTYPE_NAMES -> that dtype."""
+def pick_dtype(name: str = DEFAULT_DTYPE):
+    """A name of DTYPE_NAMES -> that torch dtype."""
     import torch
 
-    if name == AUTO:
-        return torch.float16 if device.startswith("cuda") else torch.float32
     if name not in DTYPE_NAMES:
         raise AdapterkitError(f"--dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")
     return getattr(torch, name)
 
 
-def placement(device: str = AUTO, dtype: str = AUTO) -> tuple[str, object]:
+def placement(device: str = AUTO, dtype: str = DEFAULT_DTYPE) -> tuple[str, object]:
     """(device, torch dtype) for `load_base` from the two option values."""
-    chosen = pick_device(device)
-    return chosen, pick_dtype(dtype, chosen)
+    return pick_device(device), pick_dtype(dtype)
 
 
 def describe(device: str, dtype) -> str:

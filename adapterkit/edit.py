@@ -19,6 +19,7 @@ from .adapters import load_adapter
 from .adapters.bank import AUTO, AdapterBank
 from .base import load_base
 from .devices import AUTO as AUTO_DEVICE
+from .devices import DEFAULT_DTYPE
 from .devices import describe as describe_device
 from .devices import placement
 from .errors import AdapterkitError
@@ -78,9 +79,9 @@ def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]],
 
 
 def make_bank(base_name: str, adapter_dirs: list[str], force: bool = False, device: str = AUTO_DEVICE,
-              dtype: str = AUTO_DEVICE, log=None) -> AdapterBank:
-    """The base on `device` in `dtype` (devices.py: auto is the GPU in float16 when torch sees one, else the CPU in
-    float32) with every adapter folder in a bank; `log` gets the 'device: ...' line."""
+              dtype: str = DEFAULT_DTYPE, log=None) -> AdapterBank:
+    """The base on `device` in `dtype` (devices.py: auto is the GPU when torch sees one, else the CPU) with every
+    adapter folder in a bank; `log` gets the 'device: ...' line."""
     device, dtype = placement(device, dtype)  # a bad --device fails before the slow load
     base = load_base(base_name, dtype=dtype, device=device)
     bank = AdapterBank(base, force=force)
@@ -122,7 +123,7 @@ def edit(
     quiet: bool = False,
     log=None,
     device: str = AUTO_DEVICE,
-    dtype: str = AUTO_DEVICE,
+    dtype: str = DEFAULT_DTYPE,
     **options,
 ) -> list[str]:
     """Edit each image with `instruction`. With one adapter it is applied; with several, routed by instruction.
@@ -231,7 +232,7 @@ def edit_jobs(
     log=None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = AUTO_DEVICE,
-    dtype: str = AUTO_DEVICE,
+    dtype: str = DEFAULT_DTYPE,
     **options,
 ) -> JobsResult:
     """Run every row of a jobs file on one loaded base, `batch_size` rows per pipeline call (AdapterBank.edit_batch:

@@ -18,9 +18,9 @@
    compiled across 10 swaps that mix both methods and the base (must be 0).
 5. Mixed-adapter batches (`AdapterBank.edit_batch`, when the installed adapterkit has it): images/s of one call
    editing 4 images with 4 different adapters vs 4 single edits.
-6. `adapterkit edit` as a user runs it, in a fresh process with the default --device / --dtype (auto: the GPU in
-   float16 when torch sees one): the device line it printed, its exit code and wall time (start-up and base load
-   included), and the largest pixel difference from the bank's own edit above.
+6. `adapterkit edit` as a user runs it, in a fresh process with the default --device / --dtype (the GPU when torch
+   sees one, float32): the device line it printed, its exit code and wall time (start-up and base load included);
+   then with --dtype of the bank above: the largest pixel difference from the bank's own edit.
 
 Prints one JSON object (machine, settings, each section) and a table per section.
 """
@@ -210,7 +210,8 @@ def mixed_batch_section(bank, image, gen: dict, repeats: int) -> dict:
 
 
 def cli_section(bank, base_dir: str, workdir: str, image, gen: dict) -> dict:
-    """`python -m adapterkit edit` with one of the bank's adapters and no --device / --dtype (section 6)."""
+    """`python -m adapterkit edit` with one of the bank's adapters (section 6): once with no --device / --dtype
+    (where it runs, how long the command takes), once in the bank's dtype (its pixels against the bank's edit)."""
     import subprocess
 
     import numpy as np
@@ -221,21 +222,26 @@ def cli_section(bank, base_dir: str, workdir: str, image, gen: dict) -> dict:
     adapter = bank.get("cd_a")
     saved = save_adapter(Adapter(**{**adapter.__dict__, "tensors": {k: v.detach().cpu().float() for k, v in adapter.tensors.items()}}),
                          os.path.join(workdir, "cd_a"))
-    image_path, output = os.path.join(workdir, "in.png"), os.path.join(workdir, "cli.png")
+    image_path = os.path.join(workdir, "in.png")
     image.save(image_path)
-    command = [sys.executable, "-m", "adapterkit", "edit", "--base", base_dir, "--adapter", saved, image_path,
-               "--instruction", "edit the image", "--output", output, "--steps", str(gen["steps"]), "--seed",
-               str(gen["seed"]), "--quiet"]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    row = {"exit_code": done.returncode, "wall_s": round(seconds, 2),
-           "device_line": next((line for line in done.stderr.splitlines() if line.startswith("device:")), None)}
-    if done.returncode != 0:
-        return {**row, "error": done.stderr.strip().splitlines()[-1:]}
+
+    def command(output: str, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "adapterkit", "edit", "--base", base_dir, "--adapter", saved, image_path,
+                               "--instruction", "edit the image", "--output", output, "--steps", str(gen["steps"]),
+                               "--seed", str(gen["seed"]), "--quiet", *extra], capture_output=True, text=True)
+        return done, time.perf_counter() - started
+
+    default, seconds = command(os.path.join(workdir, "default.png"))
+    row = {"exit_code": default.returncode, "wall_s": round(seconds, 2),
+           "device_line": next((line for line in default.stderr.splitlines() if line.startswith("device:")), None)}
+    dtype = str(bank.pipe.unet.dtype).replace("torch.", "")
+    same, _ = command(os.path.join(workdir, "same.png"), "--dtype", dtype)
+    if default.returncode or same.returncode:
+        return {**row, "error": (default.stderr or same.stderr).strip().splitlines()[-1:]}
     ours = np.asarray(bank.edit(image, "edit the image", task="cd_a", **gen)).astype(np.int16)
-    theirs = np.asarray(Image.open(output).convert("RGB")).astype(np.int16)
-    return {**row, "max_diff_vs_bank": int(np.abs(ours - theirs).max())}
+    theirs = np.asarray(Image.open(os.path.join(workdir, "same.png")).convert("RGB")).astype(np.int16)
+    return {**row, "compared_dtype": dtype, "max_diff_vs_bank": int(np.abs(ours - theirs).max())}
 
 
 def inference_sections(base_dir: str, args, workdir: str) -> dict:

@@ -1,5 +1,5 @@
-"""--device / --dtype of edit, eval and serve (adapterkit/devices.py): auto picks the GPU in float16 when torch sees
-one, a bad or unreachable device is one line before the base loads, and a bfloat16 base keeps its fingerprint."""
+"""--device / --dtype of edit, eval and serve (adapterkit/devices.py): auto picks the GPU when torch sees one, float32
+unless asked, a bad or unreachable device is one line before the base loads, a bfloat16 base keeps its fingerprint."""
 
 from __future__ import annotations
 
@@ -51,15 +51,16 @@ def _png(path) -> np.ndarray:
         return np.asarray(im.convert("RGB")).astype(np.int16)
 
 
-def test_auto_is_the_gpu_in_float16_when_torch_sees_one(monkeypatch):
+def test_auto_is_the_gpu_when_torch_sees_one_and_float32_unless_asked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert placement() == ("cuda", torch.float16)
-    assert placement("auto", "float32") == ("cuda", torch.float32)
+    assert placement() == ("cuda", torch.float32)
+    assert placement("auto", "float16") == ("cuda", torch.float16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert placement() == ("cpu", torch.float32)
-    assert pick_device("cpu") == "cpu" and pick_dtype("bfloat16", "cpu") == torch.bfloat16
-    assert pick_dtype("auto", "mps") == torch.float32
+    assert pick_device("cpu") == "cpu" and pick_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(AdapterkitError, match="not one of float32, float16, bfloat16"):
+        pick_dtype("half")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -81,6 +82,9 @@ def test_a_device_torch_cannot_use_is_one_line_and_exit_2_before_the_load(setup,
                      "--output", str(setup / "report"), "--device", device, *FAST])
     assert code == 2 and message in out, out
     assert not (setup / "report").exists()
+    pytest.importorskip("uvicorn")
+    code, out = run(["serve", "--base", tiny_base_dir, "--port", "0", "--device", device])
+    assert code == 2 and message in out, out
     with pytest.raises(AdapterkitError, match="cuda:9"):
         pick_device("cuda:9")
 

@@ -132,6 +132,7 @@ def test_cli_train_prints_the_rows_it_used_issue_19(trainable_base_dir, tmp_path
     assert result.exit_code == 0, result.output
     assert f"data: 10 rows in {data} (split train); 6 of task derain; 2 held out for validation, 4 to train on" in result.output
     assert "rows: 4 for training (0 skipped as unreadable), 2 held out for validation, of 10 in the data" in result.output
+    assert "device: cpu, mixed precision no" in result.output  # where accelerate put it (session 21)
 
 
 def test_lora_loads_in_plain_diffusers_and_matches_adapterkit_edit(trained, trainable_base_dir, tmp_path):

@@ -240,7 +240,7 @@ def evaluate(
     clip_model: str | None = None,
     force: bool = False,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str = "float32",
     batch_size: int = DEFAULT_BATCH_SIZE,
     quiet: bool = False,
 ) -> EvalResult:
@@ -250,7 +250,7 @@ def evaluate(
     report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`. Sampler
     settings left at None: the base's recorded defaults, else the blog's 20 / 7 / 1.5 (report.json "generation").
     `batch_size`: rows of one column per pipeline call (module docstring). `device` / `dtype` (devices.py, for a
-    base given by name): auto is the GPU in float16 when torch sees one, else the CPU in float32."""
+    base given by name): auto is the GPU when torch sees one, else the CPU; float32 unless asked."""
     _check_options(task_rows, instructions, limit, output, batch_size)
     columns, tasks = build_columns(list(adapters))
     data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,

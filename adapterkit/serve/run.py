@@ -13,7 +13,7 @@ log = logging.getLogger("adapterkit.serve")
 
 
 def build_catalog(base: str, adapters=(), adapter_dir: str | None = None, device: str = "auto", force: bool = False,
-                  compile: bool = False, dtype: str = "auto"):
+                  compile: bool = False, dtype: str = "float32"):
     """The base loaded once (`device` / `dtype`: devices.py) with every --adapter and every adapter folder of
     --adapter-dir in its bank."""
     import os
@@ -53,7 +53,7 @@ def check_port(host: str, port: int) -> None:
 
 def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings | None = None, device: str = "auto", force: bool = False, compile: bool = False,
-          samples: dict[str, bytes] | None = None, log_level: str = "info", dtype: str = "auto") -> None:
+          samples: dict[str, bytes] | None = None, log_level: str = "info", dtype: str = "float32") -> None:
     """Serve `base` with its adapters on host:port (127.0.0.1 by default: only this machine can connect)."""
     try:
         import uvicorn

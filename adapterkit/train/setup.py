@@ -37,6 +37,9 @@ def make_accelerator(cfg: TrainConfig):
     )
     if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise AdapterkitError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
+    if not cfg.quiet:  # as edit and eval say where they run (devices.py); accelerate picks the GPU when it sees one
+        processes = f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+        accelerator.print(f"device: {accelerator.device.type}, mixed precision {cfg.mixed_precision}{processes}")
     return accelerator
 
 
