@@ -148,7 +148,9 @@ def describe_sampler(generation: dict) -> str:
     source = generation.get("sampler_source") or {}
     line = Sampler(generation["steps"], generation["guidance"], generation["image_guidance"], source).describe()
     if "device" in generation:  # reports written before session 21 do not record it
-        line += f"; device: {generation['device']}, {generation['dtype']}"
+        from ..devices import describe
+
+        line += "; " + describe(generation["device"], generation["dtype"])
     return line
 
 
