@@ -56,6 +56,11 @@ def placement(device: str = AUTO, dtype: str = DEFAULT_DTYPE) -> tuple[str, obje
     return pick_device(device), pick_dtype(dtype)
 
 
+def record(pipe) -> dict:
+    """Where a loaded pipeline runs, as results.json and report.json keep it: {"device": "cuda", "dtype": "float16"}."""
+    return {"device": pipe.device.type, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+
+
 def describe(device: str, dtype) -> str:
     """'device: cpu, float32', the line edit, eval and serve print; float16 on a CPU says it is slow (builtin:tiny,
     8 edits of 20 steps on 2 cores: float32 2.8 s, float16 37.7 s, bfloat16 2.0 s; session 21)."""

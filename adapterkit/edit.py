@@ -22,6 +22,7 @@ from .devices import AUTO as AUTO_DEVICE
 from .devices import DEFAULT_DTYPE
 from .devices import describe as describe_device
 from .devices import placement
+from .devices import record as record_device
 from .errors import AdapterkitError
 from .fileio import atomic_file, write_json
 from .inference import MIN_EDIT_SIDE, at_input_size, open_image, too_small_to_edit
@@ -35,11 +36,6 @@ class JobsResult:
     batches: int = 0  # pipeline calls (edit_batch chunks)
     sampler: dict = field(default_factory=dict)  # steps, guidance, image_guidance used and each one's source
     device: dict = field(default_factory=dict)  # {"device": "cuda", "dtype": "float16"}: where the jobs ran
-
-
-def placed(bank: AdapterBank) -> dict:
-    """Where the bank's pipeline runs: {"device": "cpu", "dtype": "float32"}."""
-    return {"device": bank.pipe.device.type, "dtype": str(bank.pipe.unet.dtype).replace("torch.", "")}
 
 
 def _sampler_options(bank: AdapterBank, options: dict, log) -> tuple[dict, object]:
@@ -249,7 +245,7 @@ def edit_jobs(
         refuse_unroutable(bank)
     options, sampler = _sampler_options(bank, options, log)
     os.makedirs(output, exist_ok=True)
-    result = JobsResult(errors=errors, sampler=sampler.record(), device=placed(bank))
+    result = JobsResult(errors=errors, sampler=sampler.record(), device=record_device(bank.pipe))
     seed = int(options.pop("seed", 0))  # each job carries its seed: the row's, else --seed
     prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, options.get("resolution"),
                              result.errors)

@@ -296,8 +296,9 @@ def _generation_settings(loaded, sampler, resolution: int) -> dict:
     """What decides every output besides its row, all part of every cache key: the sampler settings, the resolution,
     and the kind of device and dtype (an output made on another device, other kernels and last bits, is not reused;
     the dtype is in the base's hash as well)."""
-    return {**sampler.options(), "resolution": resolution, "device": loaded.pipe.device.type,
-            "dtype": str(loaded.pipe.unet.dtype).replace("torch.", "")}
+    from ..devices import record
+
+    return {**sampler.options(), "resolution": resolution, **record(loaded.pipe)}
 
 
 def _make_bank(loaded, columns: list[Column], force: bool):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..base import load_base
-from ..devices import describe
+from ..devices import describe, record
 from ..errors import AdapterkitError
 from .settings import ServeSettings
 
@@ -64,7 +64,6 @@ def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "1
     check_port(host, port)
     catalog = build_catalog(base, adapters, adapter_dir, device=device, force=force, compile=compile, dtype=dtype)
     app = create_app(catalog, settings or ServeSettings(), samples=samples)
-    pipe = catalog.bank.pipe
     log.warning("serving %s with adapters %s on http://%s:%d (%s)", base, ", ".join(catalog.tasks) or "none", host, port,
-                describe(pipe.device.type, pipe.unet.dtype))
+                describe(**record(catalog.bank.pipe)))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
