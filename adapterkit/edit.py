@@ -101,12 +101,19 @@ def refuse_unroutable(bank: AdapterBank) -> None:
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output extension -> PIL format
 
 
-def save_png(image, path: str) -> None:
+def image_format(path: str) -> str:
+    """The PIL format an output path asks for; a one-line error for any other extension. Checked before any work
+    (session 21: a single edit's --output without an extension failed after the base load and the edit, a jobs
+    row's "output": "x.gif" stopped the whole run without results.json)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in IMAGE_FORMATS:
         raise AdapterkitError(f"output {path} must end in .png, .jpg or .webp")
+    return IMAGE_FORMATS[ext]
+
+
+def save_png(image, path: str) -> None:
     with atomic_file(path) as f:
-        image.save(f, format=IMAGE_FORMATS[ext])
+        image.save(f, format=image_format(path))
 
 
 def edit(
@@ -136,6 +143,12 @@ def edit(
             f"{len(images)} input images but --output {output} names one image file; pass a folder for the "
             "results (each is <input stem>.png inside), or edit one image at a time"
         )
+    if len(images) == 1 and not os.path.isdir(output):
+        targets = [output]
+        if os.path.splitext(output)[1].lower() not in IMAGE_FORMATS:
+            raise AdapterkitError(f"--output {output} must end in .png, .jpg or .webp (or be an existing folder)")
+    else:
+        targets = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     for path, img in zip(images, loaded):
         check_edit_size(path, img, options.get("resolution"))
@@ -146,10 +159,6 @@ def edit(
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
     if task == AUTO:
         refuse_unroutable(bank)
-    if len(images) == 1 and not os.path.isdir(output):
-        targets = [output]
-    else:
-        targets = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
     for img, target in tqdm(list(zip(loaded, targets)), desc="edit", unit="image", disable=quiet):
         save_png(at_input_size(bank.edit(img, instruction, task=task, **options), img, options.get("resolution")), target)
     return targets
@@ -195,10 +204,11 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution:
             image = open_image(image_path)
             check_edit_size(row["image"], image, resolution)  # alone, not failing the whole batch it would join
             row_seed = int(row["seed"]) if "seed" in row else seed
+            name = row.get("output") or f"{number:05d}_{os.path.splitext(os.path.basename(row['image']))[0]}.png"
+            image_format(str(name))  # a bad extension skips the row here, not the whole run at save time
         except (AdapterkitError, ValueError, TypeError) as e:
             errors.append(f"line {number}: {e}")
             continue
-        name = row.get("output") or f"{number:05d}_{os.path.splitext(os.path.basename(row['image']))[0]}.png"
         prepared.append({"line": number, "row": row, "image": image, "seed": row_seed,
                          "task": bank.route(row["instruction"])[0] if task == AUTO else task,
                          "target": os.path.join(output, os.path.basename(name))})

@@ -263,3 +263,27 @@ def test_an_image_too_small_for_the_pipeline_gets_one_line_and_exit_2(setup, tin
                      "--output", str(setup / "dot-out.png"), "--quiet", *FAST])
     assert code == 0, out
     assert Image.open(setup / "dot-out.png").size == (8, 8)
+
+
+def test_an_output_name_without_an_image_extension_is_refused_before_any_work(setup, tiny_base_dir, monkeypatch):
+    """Session 21: a single edit's --output without an extension failed only after the base load and the edit, and a
+    jobs row's "output": "x.gif" stopped the whole run, later rows undone and no results.json."""
+    import adapterkit.edit
+
+    loads = []
+    real = adapterkit.edit.load_base
+    monkeypatch.setattr(adapterkit.edit, "load_base", lambda *a, **k: loads.append(a) or real(*a, **k))
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "in.png"), "--instruction", "x",
+                     "--output", str(setup / "result"), *FAST])
+    assert code == 2 and "must end in .png, .jpg or .webp (or be an existing folder)" in out, out
+    assert len(out.strip().splitlines()) == 1 and not loads and not (setup / "result").exists()
+    jobs = setup / "jobs.jsonl"
+    rows = [{"image": "in.png", "instruction": "x", "adapter": None},
+            {"image": "in.png", "instruction": "x", "adapter": None, "output": "x.gif"},
+            {"image": "in.png", "instruction": "y", "adapter": None}]
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out = run(["edit", "--base", tiny_base_dir, "--jobs", str(jobs), "--output", str(setup / "outs"),
+                     "--batch-size", "1", "--quiet", *FAST])
+    assert code == 0 and "2 edited, 1 skipped" in out and "line 2: output x.gif must end in .png" in out, out
+    results = json.loads((setup / "outs" / "results.json").read_text())
+    assert [r["line"] for r in results["done"]] == [1, 3]
