@@ -321,3 +321,28 @@ def test_gradient_checkpointing_trains_the_same_adapter(trainable_base_dir, data
 def test_fp16_on_cpu_is_refused(trainable_base_dir, data_dir, tmp_path):
     with pytest.raises(AdapterkitError, match="fp16 needs a GPU"):
         train(small_config(trainable_base_dir, data_dir, tmp_path / "fp16", "lora", steps=1, mixed_precision="fp16"))
+
+
+def test_training_into_another_tasks_adapter_folder_needs_overwrite(trainable_base_dir, tmp_path):
+    """Session 21: `train --task cartoonize --output adapters/derain` silently replaced the derain adapter. Now it is
+    one line and exit 2 with the folder untouched; --overwrite replaces it; rerunning the same task and method
+    replaces its own adapter without the flag, as before."""
+    data = make_edit_dataset(tmp_path / "data", 4, size=32)
+    output = tmp_path / "adapters" / "derain"
+
+    def train_cli(method, task, *extra):
+        return CliRunner().invoke(main, ["train", "--base", trainable_base_dir, "--data", data, "--method", method,
+                                         "--task", task, "--output", str(output), "--resolution", "32", "--steps", "1",
+                                         "--batch-size", "1", "--validation-steps", "0", "--checkpoint-steps", "0",
+                                         "--log-with", "none", "--quiet", *extra])
+
+    assert train_cli("lora", "derain").exit_code == 0
+    before = {name: (output / name).read_bytes() for name in os.listdir(output) if name.endswith((".json", ".safetensors"))}
+    refused = train_cli("custom-diffusion", "cartoonize")
+    assert refused.exit_code == 2, refused.output
+    assert "already holds the lora adapter 'derain'; training custom-diffusion 'cartoonize' there would replace it" in refused.output
+    assert "--overwrite" in refused.output and len(refused.output.strip().splitlines()) == 1
+    assert {name: (output / name).read_bytes() for name in before} == before
+    assert train_cli("lora", "derain", "--seed", "1").exit_code == 0  # the same task and method: its own adapter
+    assert train_cli("custom-diffusion", "cartoonize", "--overwrite").exit_code == 0
+    assert json.loads((output / "adapter.json").read_text())["task"] == "cartoonize"

@@ -62,6 +62,7 @@ def train_task_adapter(base: str, task: str, data: str, output: str, method: str
     cfg = TrainConfig(
         base=base, data=data, method=method, task=task, output=output, instructions=tuple(get_task(task).instructions),
         steps=steps, validation_steps=0, checkpoint_steps=0, log_with="none", seed=seed, quiet=quiet,
+        overwrite=True,  # the demo regenerates its own folder, whatever an older version trained there
         **({"targets": targets} if targets else {}),
     )
     return train(cfg)

@@ -45,11 +45,31 @@ def clean_stale_temporaries(output: str) -> None:
         clean_stale(os.path.join(output, sub))
 
 
-def check_output_folder(output: str, resume: str | None) -> None:
+def check_output_folder(output: str, resume: str | None, training: tuple[str, str], overwrite: bool) -> None:
+    """Before any work: OUTPUT holding checkpoints needs --resume; OUTPUT holding a finished adapter of another
+    (task, method) than `training` needs --overwrite (session 21: `train --task derain --output adapters/cartoonize`
+    silently replaced the cartoonize adapter; rerunning the same command still replaces its own adapter, as
+    diffusers' scripts do)."""
     if not resume and list_checkpoints(os.path.join(output, CHECKPOINTS)):
         raise AdapterkitError(
             f"{output} already holds checkpoints of a run; pass --resume latest to continue it, or choose another --output"
         )
+    held = _finished_adapter(output)
+    if held and held != training and not resume and not overwrite:
+        raise AdapterkitError(
+            f"{output} already holds the {held[1]} adapter '{held[0]}'; training {training[1]} '{training[0]}' there "
+            "would replace it: choose another --output, or pass --overwrite"
+        )
+
+
+def _finished_adapter(output: str) -> tuple[str, str] | None:
+    """(task, method) of the adapter OUTPUT/adapter.json describes; None when there is none or it is not ours."""
+    try:
+        with open(os.path.join(output, "adapter.json"), encoding="utf-8") as f:
+            record = json.load(f)
+        return (str(record["task"]), str(record["method"])) if isinstance(record, dict) else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # ==================================================================================================== checkpoints

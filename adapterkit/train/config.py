@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoints_total_limit: int = _f(2, "Keep only the newest N checkpoints (0: keep all).", "loop")
     resume: str | None = _f(None, "Continue from a checkpoint: latest (newest in OUTPUT/checkpoints) or a checkpoint folder.", "loop")
     log_with: str = _f("auto", "Tracker: tensorboard (logs in OUTPUT/logs), none, or auto (tensorboard when installed).", "loop", choices=LOG_WITH)
+    overwrite: bool = _f(False, "Replace an adapter of another task or method already in OUTPUT (retraining the same task and method replaces its own without this).", "loop")
     cpu: bool = _f(False, "Train on CPU even when a GPU is available.", "loop")
     quiet: bool = _f(False, "No progress bar.", "loop")
 

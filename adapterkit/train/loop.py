@@ -153,7 +153,7 @@ def _setup(cfg: TrainConfig, accelerator) -> _Run:
 
     if accelerator.is_main_process:
         checkpoints.clean_stale_temporaries(cfg.output)
-    checkpoints.check_output_folder(cfg.output, cfg.resume)
+    checkpoints.check_output_folder(cfg.output, cfg.resume, (cfg.task, cfg.method), cfg.overwrite)
     synonyms = list(dict.fromkeys(list(cfg.instructions) + (read_instructions_file(cfg.instructions_file) if cfg.instructions_file else [])))
     dataset = load_edit_dataset(
         cfg.data, preset=cfg.preset, input_column=cfg.input_column, target_column=cfg.target_column,
