@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 
-from .adapters.record import Adapter, load_adapter, save_adapter
+from .adapters.record import Adapter, check_replaceable, load_adapter, save_adapter
 from .base import Base, load_base
 from .errors import AdapterkitError
 
 
-def adopt(folder: str, base, task: str, instructions: list[str], output: str, force: bool = False) -> Adapter:
+def adopt(folder: str, base, task: str, instructions: list[str], output: str, force: bool = False,
+          overwrite: bool = False) -> Adapter:
     """Check the adapter in `folder` against `base` (a Base or a name for load_base) and write it to `output`
-    with `task` and `instructions`; returns the adapter as saved."""
+    with `task` and `instructions`; returns the adapter as saved. An `output` holding an adapter of another task or
+    method is refused unless `overwrite` (record.check_replaceable)."""
     instructions = [i.strip() for i in instructions if i and i.strip()]
     if not task or not task.strip():
         raise AdapterkitError("--task must name the task, e.g. --task derain")
@@ -30,6 +32,7 @@ def adopt(folder: str, base, task: str, instructions: list[str], output: str, fo
     if not os.path.isdir(folder):
         raise AdapterkitError(f"adapter folder {folder} does not exist")
     adapter = load_adapter(folder, task=task.strip(), instructions=instructions)
+    check_replaceable(output, adapter.task, adapter.method, overwrite)  # before the base load
     base = base if isinstance(base, Base) else load_base(base)
     adapter.check_base(base, force=force)  # fingerprint when recorded, every layer's shape, token widths
     previous = (adapter.base or {}).get("fingerprint")

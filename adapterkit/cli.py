@@ -151,6 +151,7 @@ def eval_command(adapters, **options):
 @click.option("--instruction", "instructions", multiple=True, required=True, help="An instruction that invokes the task (repeatable).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the adopted adapter (the source is left as it is).")
 @click.option("--force", is_flag=True, help="Accept an adapter.json fingerprint of another base (shapes must still match).")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter of another task or method already in --output.")
 def import_command(folder, **options):
     """Adopt a folder written elsewhere (diffusers' training scripts): check it, write adapter.json and a model card."""
     from .adopt import adopt, describe
@@ -204,6 +205,7 @@ def import_command(folder, **options):
 @click.option("--fuse", is_flag=True, help="Also write a full diffusers pipeline with the merge baked in (needs --output-pipeline).")
 @click.option("--output-pipeline", default=None, type=click.Path(file_okay=False), help="Folder for the fused pipeline (with --fuse).")
 @click.option("--force", is_flag=True, help="Merge adapters made for another base fingerprint (shapes must still match).")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter of another task or method (a source, say) already in --output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def merge_command(adapters, weights, fuse, output_pipeline, **options):
     """Merge task adapters made on one base into one adapter: least squares on K/V, or a baseline."""

@@ -317,3 +317,34 @@ def test_atomic_writes_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "report.json").st_mode) == 0o644  # readable by a web server serving reports
     assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o755
+
+
+def test_merge_and_import_never_replace_another_adapter_silently(tiny_base, tiny_base_dir, tmp_path):
+    """Session 21: `merge A B --output A` replaced source A with the merge, and `import X --output Y` replaced the
+    adapter in Y, without a word. Now both are one line and exit 2, the folder untouched; --overwrite replaces it;
+    rerunning the same merge replaces its own output."""
+    from click.testing import CliRunner
+
+    from adapterkit.cli import main
+
+    derain = save_adapter(random_custom_diffusion(tiny_base, "derain", seed=1, instructions=["derain it"]), str(tmp_path / "derain"))
+    cartoon = save_adapter(random_lora(tiny_base, "cartoonize", rank=2, seed=2, instructions=["cartoon it"]), str(tmp_path / "cartoonize"))
+    before = tree_digest(derain)
+
+    def run(*args):
+        result = CliRunner().invoke(main, list(args))
+        return result.exit_code, result.output
+
+    code, out = run("merge", derain, cartoon, "--base", tiny_base_dir, "--method", "linear", "--output", derain)
+    assert code == 2 and "already holds the custom-diffusion adapter 'derain'; writing the custom-diffusion adapter " \
+                         "'cartoonize+derain' there would replace it" in out and "--overwrite" in out, out
+    code, out = run("import", cartoon, "--base", tiny_base_dir, "--task", "cartoonize", "--instruction", "x", "--output", derain)
+    assert code == 2 and "already holds the custom-diffusion adapter 'derain'" in out, out
+    assert tree_digest(derain) == before
+    merged = str(tmp_path / "merged")
+    for _ in range(2):  # the same merge again replaces its own output
+        code, out = run("merge", derain, cartoon, "--base", tiny_base_dir, "--method", "linear", "--output", merged)
+        assert code == 0, out
+    code, out = run("import", cartoon, "--base", tiny_base_dir, "--task", "cartoonize", "--instruction", "x", "--output",
+                    derain, "--overwrite")
+    assert code == 0 and load_adapter(derain).task == "cartoonize", out

@@ -340,7 +340,7 @@ def test_training_into_another_tasks_adapter_folder_needs_overwrite(trainable_ba
     before = {name: (output / name).read_bytes() for name in os.listdir(output) if name.endswith((".json", ".safetensors"))}
     refused = train_cli("custom-diffusion", "cartoonize")
     assert refused.exit_code == 2, refused.output
-    assert "already holds the lora adapter 'derain'; training custom-diffusion 'cartoonize' there would replace it" in refused.output
+    assert "already holds the lora adapter 'derain'; writing the custom-diffusion adapter 'cartoonize' there would replace it" in refused.output
     assert "--overwrite" in refused.output and len(refused.output.strip().splitlines()) == 1
     assert {name: (output / name).read_bytes() for name in before} == before
     assert train_cli("lora", "derain", "--seed", "1").exit_code == 0  # the same task and method: its own adapter

@@ -178,6 +178,28 @@ def save_adapter(adapter: Adapter, path: str) -> str:
     return path
 
 
+def held_adapter(folder: str) -> tuple[str, str] | None:
+    """(task, method) of the finished adapter `folder`/adapter.json describes; None when there is none or it is not ours."""
+    try:
+        with open(os.path.join(folder, METADATA_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        return (str(record["task"]), str(record["method"])) if isinstance(record, dict) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_replaceable(folder: str, task: str, method: str, overwrite: bool = False) -> None:
+    """Refuse, before any work, to write the (task, method) adapter over an adapter of another task or method unless
+    `overwrite` (session 21: a mistyped --output of train, merge or import replaced a finished adapter silently, a
+    merge even one of its own sources). The same task and method replace their own adapter: a rerun."""
+    held = held_adapter(folder)
+    if held and held != (task, method) and not overwrite:
+        raise AdapterkitError(
+            f"{folder} already holds the {held[1]} adapter '{held[0]}'; writing the {method} adapter '{task}' there "
+            "would replace it: choose another --output, or pass --overwrite"
+        )
+
+
 def _json_default(value):
     import torch
 

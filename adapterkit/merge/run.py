@@ -26,7 +26,7 @@ import torch
 # Merge outputs are one of two adapter formats, named here on purpose: full K/V (Custom Diffusion) or, with
 # --as-lora, a LoRA. Inputs of any method go through the method protocol (Adapter.delta_weights).
 from ..adapters import custom_diffusion, lora, tokens
-from ..adapters.record import Adapter, MergeRecord, load_adapter, save_adapter
+from ..adapters.record import Adapter, MergeRecord, check_replaceable, load_adapter, save_adapter
 from ..base import BASE_INFO_FILE, Base, cross_attention_kv_layers, load_base, unwrap_peft
 from ..errors import AdapterkitError
 from ..fileio import atomic_folder
@@ -84,6 +84,7 @@ def merge(
     output_pipeline: str | None = None,
     force: bool = False,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> MergeResult:
     """Merge adapters (folders or Adapter objects) made on `base` (a Base or a name for load_base); the options are
     MergeOptions' (methods.py), plus reg_prompts (a file or a list; built-in set when None; "" always added),
@@ -98,6 +99,7 @@ def merge(
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
+    _check_output(output, inputs, task, as_lora, overwrite)
     options = resolve_defaults(options, spec, len(base.instructions), inputs.adapters, base.name_or_path)
     timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
     prompts, gram, reg_info, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
@@ -338,12 +340,23 @@ def _sources(inputs: _Inputs, weights) -> list[dict]:
     return sources
 
 
+def _merged_task(inputs: _Inputs, task: str | None) -> str:
+    """The merged adapter's task name: `task`, else the sources' names joined by '+'."""
+    return task or "+".join(sorted({a.task for a in inputs.adapters}))
+
+
+def _check_output(output: str | None, inputs: _Inputs, task: str | None, as_lora: bool, overwrite: bool) -> None:
+    """Before the features and the solve: an OUTPUT holding an adapter of another task or method (one of the sources,
+    say) is refused unless `overwrite` (record.check_replaceable); a rerun of the same merge replaces its own."""
+    if output:
+        check_replaceable(output, _merged_task(inputs, task), lora.METHOD if as_lora else custom_diffusion.METHOD, overwrite)
+
+
 def _build_adapter(inputs: _Inputs, base: Base, kv_deltas, kv_factors, other, as_lora, truncate_to, task) -> Adapter:
     """The merged adapter: full K/V (Custom Diffusion) or, with as_lora, LoRA factors (lsq: exact rank-m factors;
     the rest factored by SVD at their numerical rank, or at `truncate_to` for svd)."""
-    names = sorted({a.task for a in inputs.adapters})
     common = {
-        "task": task or "+".join(names),
+        "task": _merged_task(inputs, task),
         "instructions": sorted({t for a in inputs.adapters for t in a.instructions}),
         "base": {"name_or_path": base.name_or_path, "fingerprint": base.fingerprint},
         "tokens": tokens.union(inputs.adapters),  # the merge owns every source's modifier tokens

@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 
-from ..adapters.record import Adapter, save_adapter
+from ..adapters.record import Adapter, check_replaceable, save_adapter
 from ..errors import AdapterkitError
 from ..faults import fault_point
 from ..fileio import atomic_file, atomic_folder, clean_stale, discard_folder, write_json
@@ -54,22 +54,8 @@ def check_output_folder(output: str, resume: str | None, training: tuple[str, st
         raise AdapterkitError(
             f"{output} already holds checkpoints of a run; pass --resume latest to continue it, or choose another --output"
         )
-    held = _finished_adapter(output)
-    if held and held != training and not resume and not overwrite:
-        raise AdapterkitError(
-            f"{output} already holds the {held[1]} adapter '{held[0]}'; training {training[1]} '{training[0]}' there "
-            "would replace it: choose another --output, or pass --overwrite"
-        )
-
-
-def _finished_adapter(output: str) -> tuple[str, str] | None:
-    """(task, method) of the adapter OUTPUT/adapter.json describes; None when there is none or it is not ours."""
-    try:
-        with open(os.path.join(output, "adapter.json"), encoding="utf-8") as f:
-            record = json.load(f)
-        return (str(record["task"]), str(record["method"])) if isinstance(record, dict) else None
-    except (OSError, ValueError, KeyError):
-        return None
+    if not resume:
+        check_replaceable(output, *training, overwrite=overwrite)
 
 
 # ==================================================================================================== checkpoints
