@@ -348,3 +348,33 @@ def test_merge_and_import_never_replace_another_adapter_silently(tiny_base, tiny
     code, out = run("import", cartoon, "--base", tiny_base_dir, "--task", "cartoonize", "--instruction", "x", "--output",
                     derain, "--overwrite")
     assert code == 0 and load_adapter(derain).task == "cartoonize", out
+
+
+def test_train_and_demo_data_never_delete_a_folder_of_another_kind(trainable_base_dir, tiny_base, tmp_path):
+    """Session 21: `train --data D --output D` published the adapter over the dataset (deleted), and `demo-data
+    --output adapters/derain` replaced the adapter with a dataset. Both are now one line and exit 2, nothing touched."""
+    from click.testing import CliRunner
+
+    from adapterkit.cli import main
+    from adapterkit.testing import make_edit_dataset
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        return result.exit_code, result.output
+
+    data = make_edit_dataset(tmp_path / "data", 4, size=32)
+    before = tree_digest(data)
+    code, out = run("train", "--base", trainable_base_dir, "--data", data, "--method", "lora", "--task", "derain",
+                    "--output", data, "--resolution", "32", "--steps", "1", "--batch-size", "1", "--validation-steps", "0",
+                    "--checkpoint-steps", "0", "--log-with", "none", "--quiet")
+    assert code == 2 and "holds files that are not an adapter" in out and "would delete them" in out, out
+    assert tree_digest(data) == before
+    adapter = save_adapter(random_custom_diffusion(tiny_base, "derain"), str(tmp_path / "adapter"))
+    before = tree_digest(adapter)
+    code, out = run("demo-data", "--task", "derain", "--rows", "2", "--output", adapter)
+    assert code == 2 and "not a demo-data dataset (README.md, adapter.json" in out, out
+    assert tree_digest(adapter) == before
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "ds", tmp_path / "ds"):  # empty, new, an earlier dataset: written
+        code, out = run("demo-data", "--task", "derain", "--rows", "2", "--output", target, "--quiet")
+        assert code == 0, out

@@ -188,12 +188,29 @@ def held_adapter(folder: str) -> tuple[str, str] | None:
         return None
 
 
+# Subfolders `train` keeps in its OUTPUT across runs (train/checkpoints.py); a folder holding only these holds no
+# finished adapter yet.
+TRAIN_SUBFOLDERS = frozenset({"checkpoints", "validation", "logs"})
+
+
 def check_replaceable(folder: str, task: str, method: str, overwrite: bool = False) -> None:
-    """Refuse, before any work, to write the (task, method) adapter over an adapter of another task or method unless
-    `overwrite` (session 21: a mistyped --output of train, merge or import replaced a finished adapter silently, a
-    merge even one of its own sources). The same task and method replace their own adapter: a rerun."""
+    """Refuse, before any work, to write the (task, method) adapter where it would replace something else, unless
+    `overwrite`: an adapter of another task or method, or files that are no adapter at all (session 21: a mistyped
+    --output of train, merge or import replaced a finished adapter silently, a merge even one of its own sources, and
+    `train --data data/derain --output data/derain` deleted the dataset when it published). The same task and method
+    replace their own adapter: a rerun. An absent or empty folder, or one holding only train's subfolders, is free."""
+    if overwrite or not os.path.isdir(folder):
+        return
     held = held_adapter(folder)
-    if held and held != (task, method) and not overwrite:
+    if held is None:
+        others = sorted(n for n in os.listdir(folder) if n not in TRAIN_SUBFOLDERS and not n.startswith("."))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise AdapterkitError(
+                f"{folder} holds files that are not an adapter ({shown}); writing the {method} adapter '{task}' there "
+                "would delete them: choose another --output, or pass --overwrite"
+            )
+    elif held != (task, method):
         raise AdapterkitError(
             f"{folder} already holds the {held[1]} adapter '{held[0]}'; writing the {method} adapter '{task}' there "
             "would replace it: choose another --output, or pass --overwrite"

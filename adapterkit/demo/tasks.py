@@ -194,6 +194,17 @@ def _check_dataset_args(task: str, n: int, resolution: int, split: str) -> None:
         raise AdapterkitError(f"the resolution must be a multiple of 8, at least 16 (got {resolution})")
 
 
+def _check_dataset_folder(output: str) -> None:
+    """The folder is replaced whole: refuse one holding anything but an earlier demo-data dataset (session 21:
+    `demo-data --output adapters/derain` deleted the adapter)."""
+    if os.path.isdir(output) and not os.path.isfile(os.path.join(output, DATASET_INFO_FILE)):
+        others = sorted(n for n in os.listdir(output) if not n.startswith("."))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise AdapterkitError(f"{output} holds files that are not a demo-data dataset ({shown}); writing the dataset "
+                                  "there would delete them: choose another --output, or delete them first")
+
+
 def write_task_dataset(
     task: str | Sequence[str], output: str, n: int = 200, seed: int = 0, resolution: int = 64, split: str = "train",
     quiet: bool = False,
@@ -214,6 +225,7 @@ def write_task_dataset(
         raise AdapterkitError("name at least one task to write")
     for name in names:
         _check_dataset_args(name, n, resolution, split)
+    _check_dataset_folder(output)
     jobs = [(name, i) for name in names for i in range(n)]
     with atomic_folder(output) as tmp:
         os.makedirs(os.path.join(tmp, "input"))
