@@ -103,8 +103,8 @@ def test_write_task_dataset_loads_with_datasets_imagefolder(tmp_path):
     import datasets
 
     out = str(tmp_path / "derain")
-    os.makedirs(out)
-    open(os.path.join(out, "stale.txt"), "w").close()  # an existing folder is replaced whole
+    tasks.write_task_dataset("derain", out, n=2, seed=0, resolution=32, quiet=True)
+    open(os.path.join(out, "stale.txt"), "w").close()  # an earlier dataset is replaced whole
     assert tasks.write_task_dataset("derain", out, n=3, seed=1, resolution=32, quiet=True) == out
     assert not os.path.exists(os.path.join(out, "stale.txt"))
     ds = datasets.load_dataset("imagefolder", data_dir=out, split="train")
