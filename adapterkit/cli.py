@@ -16,7 +16,6 @@ from .merge import methods as merge_methods  # the merge registry: names, defaul
 from .threads import configure_threads
 
 
-
 class AdapterkitGroup(click.Group):
     """Turns expected errors into one line + exit 2, and unexpected ones into one line + exit 1 (traceback with -v)."""
 

@@ -56,14 +56,19 @@ def placement(device: str = AUTO, dtype: str = DEFAULT_DTYPE) -> tuple[str, obje
     return pick_device(device), pick_dtype(dtype)
 
 
+def dtype_name(dtype) -> str:
+    """torch.float16 (or "float16") -> "float16"."""
+    return str(dtype).replace("torch.", "")
+
+
 def record(pipe) -> dict:
     """Where a loaded pipeline runs, as results.json and report.json keep it: {"device": "cuda", "dtype": "float16"}."""
-    return {"device": pipe.device.type, "dtype": str(pipe.unet.dtype).replace("torch.", "")}
+    return {"device": pipe.device.type, "dtype": dtype_name(pipe.unet.dtype)}
 
 
 def describe(device: str, dtype) -> str:
     """'device: cpu, float32', the line edit, eval and serve print; float16 on a CPU says it is slow (builtin:tiny,
     8 edits of 20 steps on 2 cores: float32 2.8 s, float16 37.7 s, bfloat16 2.0 s; session 21)."""
-    name = str(dtype).replace("torch.", "")
+    name = dtype_name(dtype)
     slow = " (slow on a CPU: float32 or bfloat16 run faster)" if name == "float16" and device.startswith("cpu") else ""
     return f"device: {device}, {name}{slow}"

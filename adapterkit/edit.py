@@ -101,13 +101,13 @@ def refuse_unroutable(bank: AdapterBank) -> None:
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output extension -> PIL format
 
 
-def image_format(path: str) -> str:
-    """The PIL format an output path asks for; a one-line error for any other extension. Checked before any work
-    (session 21: a single edit's --output without an extension failed after the base load and the edit, a jobs
-    row's "output": "x.gif" stopped the whole run without results.json)."""
+def image_format(path: str, otherwise: str = "") -> str:
+    """The PIL format an output path asks for; a one-line error for any other extension (`otherwise`: what else the
+    path may be). Checked before any work (session 21: a single edit's --output without an extension failed after
+    the base load and the edit, a jobs row's "output": "x.gif" stopped the whole run without results.json)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in IMAGE_FORMATS:
-        raise AdapterkitError(f"output {path} must end in .png, .jpg or .webp")
+        raise AdapterkitError(f"output {path} must end in .png, .jpg or .webp{otherwise}")
     return IMAGE_FORMATS[ext]
 
 
@@ -145,8 +145,7 @@ def edit(
         )
     if len(images) == 1 and not os.path.isdir(output):
         targets = [output]
-        if os.path.splitext(output)[1].lower() not in IMAGE_FORMATS:
-            raise AdapterkitError(f"--output {output} must end in .png, .jpg or .webp (or be an existing folder)")
+        image_format(output, " (or be an existing folder)")
     else:
         targets = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load

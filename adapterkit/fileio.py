@@ -45,6 +45,15 @@ def _prepare_parent(path: str) -> str:
     return parent
 
 
+def foreign_entries(folder: str, kept=frozenset()) -> str:
+    """'a, b, c, ...': the first three visible entries of `folder` outside `kept`, "" when there are none (or no
+    folder): what a writer that replaces the whole folder would delete (adapters/record.check_replaceable, demo-data)."""
+    if not os.path.isdir(folder):
+        return ""
+    others = sorted(n for n in os.listdir(folder) if n not in kept and not n.startswith("."))
+    return ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str):
     """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterkitError
-from ..fileio import atomic_folder
+from ..fileio import atomic_folder, foreign_entries
 from .registry import get_method, method_names
 
 if TYPE_CHECKING:  # torch is imported where tensors are handled: `import adapterkit.adapters` stays light
@@ -188,24 +188,19 @@ def held_adapter(folder: str) -> tuple[str, str] | None:
         return None
 
 
-# Subfolders `train` keeps in its OUTPUT across runs (train/checkpoints.py); a folder holding only these holds no
-# finished adapter yet.
-TRAIN_SUBFOLDERS = frozenset({"checkpoints", "validation", "logs"})
-
-
-def check_replaceable(folder: str, task: str, method: str, overwrite: bool = False) -> None:
+def check_replaceable(folder: str, task: str, method: str, overwrite: bool = False, kept=frozenset()) -> None:
     """Refuse, before any work, to write the (task, method) adapter where it would replace something else, unless
     `overwrite`: an adapter of another task or method, or files that are no adapter at all (session 21: a mistyped
     --output of train, merge or import replaced a finished adapter silently, a merge even one of its own sources, and
     `train --data data/derain --output data/derain` deleted the dataset when it published). The same task and method
-    replace their own adapter: a rerun. An absent or empty folder, or one holding only train's subfolders, is free."""
+    replace their own adapter: a rerun. An absent or empty folder, or one holding only the entries the writer keeps
+    (`kept`: train's checkpoints/, validation/, logs/), is free."""
     if overwrite or not os.path.isdir(folder):
         return
     held = held_adapter(folder)
     if held is None:
-        others = sorted(n for n in os.listdir(folder) if n not in TRAIN_SUBFOLDERS and not n.startswith("."))
-        if others:
-            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        shown = foreign_entries(folder, kept)
+        if shown:
             raise AdapterkitError(
                 f"{folder} holds files that are not an adapter ({shown}); writing the {method} adapter '{task}' there "
                 "would delete them: choose another --output, or pass --overwrite"

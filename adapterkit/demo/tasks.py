@@ -197,12 +197,12 @@ def _check_dataset_args(task: str, n: int, resolution: int, split: str) -> None:
 def _check_dataset_folder(output: str) -> None:
     """The folder is replaced whole: refuse one holding anything but an earlier demo-data dataset (session 21:
     `demo-data --output adapters/derain` deleted the adapter)."""
-    if os.path.isdir(output) and not os.path.isfile(os.path.join(output, DATASET_INFO_FILE)):
-        others = sorted(n for n in os.listdir(output) if not n.startswith("."))
-        if others:
-            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-            raise AdapterkitError(f"{output} holds files that are not a demo-data dataset ({shown}); writing the dataset "
-                                  "there would delete them: choose another --output, or delete them first")
+    from ..fileio import foreign_entries
+
+    shown = "" if os.path.isfile(os.path.join(output, DATASET_INFO_FILE)) else foreign_entries(output)
+    if shown:
+        raise AdapterkitError(f"{output} holds files that are not a demo-data dataset ({shown}); writing the dataset "
+                              "there would delete them: choose another --output, or delete them first")
 
 
 def write_task_dataset(

@@ -37,6 +37,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..adapters.record import Adapter
+from ..devices import AUTO as AUTO_DEVICE
+from ..devices import DEFAULT_DTYPE
 from ..errors import AdapterkitError
 from ..fileio import atomic_file, atomic_folder
 from ..inference import to_rgb
@@ -239,8 +241,8 @@ def evaluate(
     resolution: int | None = None,
     clip_model: str | None = None,
     force: bool = False,
-    device: str = "auto",
-    dtype: str = "float32",
+    device: str = AUTO_DEVICE,
+    dtype: str = DEFAULT_DTYPE,
     batch_size: int = DEFAULT_BATCH_SIZE,
     quiet: bool = False,
 ) -> EvalResult:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 
 from ..base import load_base
-from ..devices import describe, record
+from ..devices import AUTO as AUTO_DEVICE
+from ..devices import DEFAULT_DTYPE, describe, record
 from ..errors import AdapterkitError
 from .settings import ServeSettings
 
 log = logging.getLogger("adapterkit.serve")
 
 
-def build_catalog(base: str, adapters=(), adapter_dir: str | None = None, device: str = "auto", force: bool = False,
-                  compile: bool = False, dtype: str = "float32"):
+def build_catalog(base: str, adapters=(), adapter_dir: str | None = None, device: str = AUTO_DEVICE,
+                  force: bool = False, compile: bool = False, dtype: str = DEFAULT_DTYPE):
     """The base loaded once (`device` / `dtype`: devices.py) with every --adapter and every adapter folder of
     --adapter-dir in its bank."""
     import os
@@ -52,8 +53,8 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(base: str, adapters=(), adapter_dir: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          settings: ServeSettings | None = None, device: str = "auto", force: bool = False, compile: bool = False,
-          samples: dict[str, bytes] | None = None, log_level: str = "info", dtype: str = "float32") -> None:
+          settings: ServeSettings | None = None, device: str = AUTO_DEVICE, force: bool = False, compile: bool = False,
+          samples: dict[str, bytes] | None = None, log_level: str = "info", dtype: str = DEFAULT_DTYPE) -> None:
     """Serve `base` with its adapters on host:port (127.0.0.1 by default: only this machine can connect)."""
     try:
         import uvicorn

@@ -27,6 +27,7 @@ from ..fileio import atomic_file, atomic_folder, clean_stale, discard_folder, wr
 CHECKPOINTS = "checkpoints"
 VALIDATION = "validation"
 LOGS = "logs"
+TRAINING_SUBFOLDERS = (CHECKPOINTS, VALIDATION, LOGS)  # what publish keeps in OUTPUT across runs
 STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
 # Settings a checkpoint can only be resumed with unchanged: they decide what the saved tensors are.
@@ -41,21 +42,22 @@ class TrainingInterrupted(KeyboardInterrupt):
 def clean_stale_temporaries(output: str) -> None:
     """Delete what a killed run left half written: temporary copies of OUTPUT and of its checkpoints, logs, images."""
     clean_stale(os.path.dirname(os.path.abspath(output)), os.path.basename(os.path.abspath(output)))
-    for sub in ("", CHECKPOINTS, VALIDATION, LOGS):
+    for sub in ("", *TRAINING_SUBFOLDERS):
         clean_stale(os.path.join(output, sub))
 
 
 def check_output_folder(output: str, resume: str | None, training: tuple[str, str], overwrite: bool) -> None:
-    """Before any work: OUTPUT holding checkpoints needs --resume; OUTPUT holding a finished adapter of another
-    (task, method) than `training` needs --overwrite (session 21: `train --task derain --output adapters/cartoonize`
-    silently replaced the cartoonize adapter; rerunning the same command still replaces its own adapter, as
-    diffusers' scripts do)."""
-    if not resume and list_checkpoints(os.path.join(output, CHECKPOINTS)):
+    """Before any work, unless resuming: OUTPUT holding checkpoints needs --resume; OUTPUT holding a finished adapter
+    of another (task, method) than `training`, or files that are no adapter, needs --overwrite
+    (record.check_replaceable; publish keeps the training subfolders). Rerunning the same command still replaces its
+    own adapter, as diffusers' scripts do."""
+    if resume:
+        return
+    if list_checkpoints(os.path.join(output, CHECKPOINTS)):
         raise AdapterkitError(
             f"{output} already holds checkpoints of a run; pass --resume latest to continue it, or choose another --output"
         )
-    if not resume:
-        check_replaceable(output, *training, overwrite=overwrite)
+    check_replaceable(output, *training, overwrite=overwrite, kept=TRAINING_SUBFOLDERS)
 
 
 # ==================================================================================================== checkpoints
@@ -178,7 +180,7 @@ def publish(adapter: Adapter, output: str) -> None:
             os.rename(os.path.join(staged, name), os.path.join(tmp, name))
         os.rmdir(staged)
         fault_point("publish.write")  # tests: SIGKILL with the new OUTPUT half assembled
-        for sub in (CHECKPOINTS, VALIDATION, LOGS):
+        for sub in TRAINING_SUBFOLDERS:
             if os.path.isdir(os.path.join(output, sub)):
                 shutil.copytree(os.path.join(output, sub), os.path.join(tmp, sub), copy_function=_link_or_copy)
     adapter.path = output
