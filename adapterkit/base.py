@@ -176,6 +176,11 @@ def builtin_tiny_path() -> str:
     return str(resources.files("adapterkit") / "demo" / "tiny_base")
 
 
+def local_folder(name_or_path: str) -> str:
+    """Where a base name's files are: builtin:tiny's folder in the package, else the name itself (a folder or a hub id)."""
+    return builtin_tiny_path() if name_or_path == BUILTIN_TINY else name_or_path
+
+
 def load_base(
     name_or_path: str,
     dtype: torch.dtype = torch.float32,
@@ -193,7 +198,7 @@ def load_base(
 
         pipe = make_tiny_pipeline(seed=0)
     else:
-        path = builtin_tiny_path() if name_or_path == BUILTIN_TINY else name_or_path
+        path = local_folder(name_or_path)
         if name_or_path == BUILTIN_TINY and not os.path.isfile(os.path.join(path, "model_index.json")):
             raise AdapterkitError(
                 "the bundled tiny base is missing from this install; reinstall adapterkit or build it with "
@@ -230,7 +235,7 @@ def read_base_info(name_or_path: str) -> dict:
     loading it; {} for a hub id or a folder without one. builtin:tiny-random records only its resolution."""
     if name_or_path == BUILTIN_TINY_RANDOM:
         return {"resolution": 64}
-    path = os.path.join(builtin_tiny_path() if name_or_path == BUILTIN_TINY else name_or_path, BASE_INFO_FILE)
+    path = os.path.join(local_folder(name_or_path), BASE_INFO_FILE)
     return _read_json(path) if os.path.isfile(path) else {}
 
 
@@ -332,13 +337,21 @@ def _as_ip2p(sd_pipe):
     )
 
 
-def convert_base(source: str, output: str) -> str:
-    """Load an SD1.5 pipeline from `source`, convert it to IP2P and save it to `output` (atomically)."""
-    from .fileio import atomic_folder
+CONVERTED_BY = "adapterkit convert-base"
 
+
+def convert_base(source: str, output: str, overwrite: bool = False) -> str:
+    """Load an SD1.5 pipeline from `source`, convert it to IP2P and save it to `output` (atomically), with a
+    BASE_INFO_FILE naming the source. An `output` holding anything but an earlier conversion (the source itself, an
+    adapter, another pipeline) is refused before the load unless `overwrite` (fileio.check_pipeline_replaceable)."""
+    from .fileio import atomic_folder, check_pipeline_replaceable
+
+    check_pipeline_replaceable(output, CONVERTED_BY, "the converted pipeline", overwrite, reads=(source,))
     base = load_base(source, convert_sd15=True)
     with atomic_folder(output) as tmp:
         base.pipe.save_pretrained(tmp)
+        with open(os.path.join(tmp, BASE_INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump({"made_by": CONVERTED_BY, "converted_from": source}, f, indent=2)
     return output
 
 

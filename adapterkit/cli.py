@@ -84,21 +84,23 @@ def _stderr(line: str) -> None:
 @main.command("convert-base")
 @click.argument("source")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the converted IP2P pipeline.")
-def convert_base_command(source, output):
+@click.option("--overwrite", is_flag=True, help="Replace what --output holds if it is not an earlier conversion (SOURCE itself, say).")
+def convert_base_command(source, output, overwrite):
     """Convert an SD1.5 text-to-image pipeline (hub id or folder) into an 8-channel IP2P base."""
     from .base import convert_base
 
-    click.echo(convert_base(source, output))
+    click.echo(convert_base(source, output, overwrite=overwrite))
 
 
 @main.command("make-tiny-base")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the pipeline.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def make_tiny_base_command(output, seed):
+@click.option("--overwrite", is_flag=True, help="Replace what --output holds if it is not an earlier tiny pipeline.")
+def make_tiny_base_command(output, seed, overwrite):
     """Write a tiny random-weight IP2P pipeline (what builtin:tiny-random builds) as a diffusers folder."""
     from .tiny import save_tiny_pipeline
 
-    click.echo(save_tiny_pipeline(output, seed=seed))
+    click.echo(save_tiny_pipeline(output, seed=seed, overwrite=overwrite))
 
 
 # Commands of later issues register below, one block each: train, merge, eval, demo.
@@ -204,7 +206,8 @@ def import_command(folder, **options):
 @click.option("--fuse", is_flag=True, help="Also write a full diffusers pipeline with the merge baked in (needs --output-pipeline).")
 @click.option("--output-pipeline", default=None, type=click.Path(file_okay=False), help="Folder for the fused pipeline (with --fuse).")
 @click.option("--force", is_flag=True, help="Merge adapters made for another base fingerprint (shapes must still match).")
-@click.option("--overwrite", is_flag=True, help="Replace an adapter of another task or method (a source, say) already in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace an adapter of another task or method (a source, say) already in --output, "
+              "or what --output-pipeline holds if it is not an earlier fused pipeline (the base itself, say).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def merge_command(adapters, weights, fuse, output_pipeline, **options):
     """Merge task adapters made on one base into one adapter: least squares on K/V, or a baseline."""

@@ -54,6 +54,34 @@ def foreign_entries(folder: str, kept=frozenset()) -> str:
     return ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
 
 
+def check_pipeline_replaceable(folder: str, made_by: str, what: str, overwrite: bool = False, reads=(), option: str = "--output") -> None:
+    """Refuse, before any work, to write a pipeline (`what`, say "the converted pipeline") into `folder` where it would
+    replace something else, unless `overwrite` (session 22: convert-base, make-tiny-base and merge --output-pipeline
+    replaced whatever --output held, an adapter or a dataset, and `merge --fuse --output-pipeline <its --base>`
+    replaced the base every adapter was made for). Refused: the pipeline being read (`reads`, local paths), a
+    pipeline another command made (its BASE_INFO_FILE's made_by is not `made_by`, or there is none), files that are
+    no pipeline. Free: an absent or empty folder, and an earlier output of the same command (a rerun). `option`: the
+    command's name for `folder`, which the message tells the user to change."""
+    if overwrite or not os.path.isdir(folder):
+        return
+    fix = f"choose another {option}, or pass --overwrite"
+    if any(os.path.isdir(r) and os.path.samefile(folder, r) for r in reads):
+        raise AdapterkitError(f"{folder} is the pipeline this command reads; writing {what} there would replace it: {fix}")
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        try:
+            with open(os.path.join(folder, BASE_INFO_FILE), encoding="utf-8") as f:
+                held = json.load(f).get("made_by")
+        except (OSError, ValueError, AttributeError):
+            held = None
+        if held != made_by:
+            by = f" (made by {held})" if held else ""
+            raise AdapterkitError(f"{folder} already holds a diffusers pipeline{by}; writing {what} there would replace it: {fix}")
+        return
+    shown = foreign_entries(folder)
+    if shown:
+        raise AdapterkitError(f"{folder} holds files that are not a pipeline ({shown}); writing {what} there would delete them: {fix}")
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str):
     """Yield a temporary folder beside `path`; on success it replaces `path`, on failure it is removed.

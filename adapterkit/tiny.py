@@ -220,13 +220,18 @@ def make_tiny_pipeline(seed: int = 0, text_dim: int = 32):
     )
 
 
-def save_tiny_pipeline(output: str, seed: int = 0) -> str:
-    """Save `make_tiny_pipeline(seed)` as a diffusers folder (atomically), loadable by from_pretrained offline."""
-    from .fileio import BASE_INFO_FILE, atomic_folder
+MADE_BY = "adapterkit make-tiny-base"
 
+
+def save_tiny_pipeline(output: str, seed: int = 0, overwrite: bool = False) -> str:
+    """Save `make_tiny_pipeline(seed)` as a diffusers folder (atomically), loadable by from_pretrained offline. An
+    `output` holding anything but an earlier tiny pipeline is refused unless `overwrite` (check_pipeline_replaceable)."""
+    from .fileio import BASE_INFO_FILE, atomic_folder, check_pipeline_replaceable
+
+    check_pipeline_replaceable(output, MADE_BY, "the tiny pipeline", overwrite)
     pipe = make_tiny_pipeline(seed=seed)
     with atomic_folder(output) as tmp:
         pipe.save_pretrained(tmp)
         with open(os.path.join(tmp, BASE_INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump({"resolution": 64, "made_by": "adapterkit make-tiny-base", "seed": seed}, f)
+            json.dump({"resolution": 64, "made_by": MADE_BY, "seed": seed}, f)
     return output

@@ -378,3 +378,65 @@ def test_train_and_demo_data_never_delete_a_folder_of_another_kind(trainable_bas
     for target in (tmp_path / "empty", tmp_path / "ds", tmp_path / "ds"):  # empty, new, an earlier dataset: written
         code, out = run("demo-data", "--task", "derain", "--rows", "2", "--output", target, "--quiet")
         assert code == 0, out
+
+
+def _text_to_image_copy(tiny_base_dir, folder) -> str:
+    """An SD-shaped (4-channel UNet) text-to-image copy of the tiny base: what convert-base reads."""
+    import shutil
+
+    shutil.copytree(tiny_base_dir, folder)
+    config_path = os.path.join(folder, "unet", "config.json")
+    config = json.loads(open(config_path).read())
+    config["in_channels"] = 4
+    open(config_path, "w").write(json.dumps(config))
+    weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    tensors = load_file(weights)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"][:, :4].contiguous()
+    save_file(tensors, weights)
+    os.remove(os.path.join(folder, "adapterkit_base.json"))
+    return str(folder)
+
+
+def test_pipeline_writers_never_replace_another_folder_silently(tiny_base, tiny_base_dir, tmp_path):
+    """Session 22: convert-base, make-tiny-base and merge --fuse --output-pipeline replaced whatever their output folder
+    held: an adapter, another pipeline, even the pipeline they read (`convert-base SD --output SD` lost the
+    text-to-image model; `--output-pipeline <the --base>` changed the base every adapter was made for). Now one line,
+    exit 2, before any work, the folder untouched; a rerun replaces its own output; --overwrite replaces anything."""
+    from click.testing import CliRunner
+
+    from adapterkit.cli import main
+
+    def run(*args):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        return result.exit_code, result.output
+
+    sd = _text_to_image_copy(tiny_base_dir, tmp_path / "sd")
+    adapter = save_adapter(random_custom_diffusion(tiny_base, "derain", instructions=["derain it"]), str(tmp_path / "derain"))
+    other = save_adapter(random_custom_diffusion(tiny_base, "cartoonize", seed=1, instructions=["cartoon it"]), str(tmp_path / "cartoon"))
+    tiny = str(tmp_path / "tiny")
+    assert run("make-tiny-base", "--output", tiny)[0] == 0
+    kept = {folder: tree_digest(folder) for folder in (sd, adapter, tiny, tiny_base_dir)}
+    fuse = ("merge", adapter, other, "--base", tiny_base_dir, "--method", "linear", "--output", tmp_path / "m", "--fuse",
+            "--output-pipeline")
+    refusals = [
+        (("convert-base", sd, "--output", sd), "sd is the pipeline this command reads; writing the converted pipeline there would replace it"),
+        (("convert-base", sd, "--output", adapter), "holds files that are not a pipeline (README.md, adapter.json"),
+        (("convert-base", sd, "--output", tiny), "already holds a diffusers pipeline (made by adapterkit make-tiny-base)"),
+        (("make-tiny-base", "--output", adapter), "writing the tiny pipeline there would delete them"),
+        (("make-tiny-base", "--output", sd), "already holds a diffusers pipeline; writing the tiny pipeline"),
+        ((*fuse, tiny_base_dir), "is the pipeline this command reads; writing the fused pipeline there would replace it: "
+                                 "choose another --output-pipeline, or pass --overwrite"),
+        ((*fuse, adapter), "writing the fused pipeline there would delete them"),
+    ]
+    for args, message in refusals:
+        code, out = run(*args)
+        assert code == 2 and message in out and "Traceback" not in out, (args, out)
+        assert not os.path.exists(tmp_path / "m"), "the merge refused its pipeline folder before writing anything"
+    assert {folder: tree_digest(folder) for folder in kept} == kept
+    converted, fused = tmp_path / "converted", tmp_path / "fused"
+    for args in [("convert-base", sd, "--output", converted)] * 2 + [(*fuse, fused)] * 2 + [("make-tiny-base", "--output", tiny, "--seed", 1)]:
+        code, out = run(*args)  # new, then the same command again over its own output
+        assert code == 0, (args, out)
+    assert json.loads((converted / "adapterkit_base.json").read_text())["made_by"] == "adapterkit convert-base"
+    code, out = run("convert-base", sd, "--output", sd, "--overwrite")
+    assert code == 0 and json.loads(open(os.path.join(sd, "unet", "config.json")).read())["in_channels"] == 8, out

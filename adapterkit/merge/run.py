@@ -16,8 +16,6 @@ the sources' instructions (so a bank routes every task to it) and {"merge": {"me
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -27,10 +25,11 @@ import torch
 # --as-lora, a LoRA. Inputs of any method go through the method protocol (Adapter.delta_weights).
 from ..adapters import custom_diffusion, lora, tokens
 from ..adapters.record import Adapter, MergeRecord, check_replaceable, load_adapter, save_adapter
-from ..base import BASE_INFO_FILE, Base, cross_attention_kv_layers, load_base, unwrap_peft
+from ..base import Base, cross_attention_kv_layers, load_base
 from ..errors import AdapterkitError
 from ..fileio import atomic_folder
 from . import baselines, diagnostics, features, incremental, lsq, report as reporting
+from .fuse import check_fused_output, fuse_into_pipeline
 from .methods import MergeOptions, check_options, resolve_defaults
 
 
@@ -99,7 +98,7 @@ def merge(
     probes = diagnostics.read_probes(probe_instructions)
     base = base if isinstance(base, Base) else load_base(base)
     inputs = _prepare_inputs(adapters, base, force, as_lora)
-    _check_output(output, inputs, task, as_lora, overwrite)
+    _check_output(output, output_pipeline, inputs, base, task, as_lora, overwrite)
     options = resolve_defaults(options, spec, len(base.instructions), inputs.adapters, base.name_or_path)
     timings, features_start = {"load": time.perf_counter() - start}, time.perf_counter()
     prompts, gram, reg_info, targets = _text_features(base, inputs, reg_prompts, options, spec.family == "lsq", quiet)
@@ -345,11 +344,14 @@ def _merged_task(inputs: _Inputs, task: str | None) -> str:
     return task or "+".join(sorted({a.task for a in inputs.adapters}))
 
 
-def _check_output(output: str | None, inputs: _Inputs, task: str | None, as_lora: bool, overwrite: bool) -> None:
+def _check_output(output, output_pipeline, inputs: _Inputs, base: Base, task, as_lora: bool, overwrite: bool) -> None:
     """Before the features and the solve: an OUTPUT holding an adapter of another task or method (one of the sources,
-    say) is refused unless `overwrite` (record.check_replaceable); a rerun of the same merge replaces its own."""
+    say) is refused unless `overwrite` (record.check_replaceable); a rerun of the same merge replaces its own. The
+    same for output_pipeline: not the base itself, nor a folder holding something other than an earlier fused pipeline."""
     if output:
         check_replaceable(output, _merged_task(inputs, task), lora.METHOD if as_lora else custom_diffusion.METHOD, overwrite)
+    if output_pipeline:
+        check_fused_output(output_pipeline, base, overwrite)
 
 
 def _build_adapter(inputs: _Inputs, base: Base, kv_deltas, kv_factors, other, as_lora, truncate_to, task) -> Adapter:
@@ -371,25 +373,3 @@ def _build_adapter(inputs: _Inputs, base: Base, kv_deltas, kv_factors, other, as
     if not tensors:
         raise AdapterkitError("the merged update is zero on every module, so there is no LoRA to export; drop --as-lora")
     return Adapter(method=lora.METHOD, tensors=tensors, options=config, **common)
-
-
-def fuse_into_pipeline(base: Base, adapter: Adapter, output: str) -> str:
-    """Write `base` with `adapter` fused in as a full diffusers pipeline; the live base is restored afterwards."""
-    unet = base.unet
-    named = dict(unet.named_modules())
-    touched = adapter.targets
-    saved = {}
-    for name in touched:
-        saved[name] = unwrap_peft(named[name]).weight.detach().clone()
-    try:
-        adapter.module.fuse_into_base(unet, adapter.tensors, adapter.options)
-        with atomic_folder(output) as tmp, tokens.applied(base.pipe, adapter.tokens):  # tokenizer + text encoder hold them
-            base.pipe.save_pretrained(tmp)
-            info = {**base.info, "resolution": base.resolution, "made_by": "adapterkit merge --fuse", "merged": adapter.merge.sources if adapter.merge else []}
-            with open(os.path.join(tmp, BASE_INFO_FILE), "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2, default=str)
-    finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                unwrap_peft(named[name]).weight.copy_(weight)
-    return output
