@@ -109,7 +109,7 @@ def make_tiny_base_command(output, seed, overwrite):
 # --- eval command (issue 5) ---
 @main.command("eval")
 @click.option("--base", required=True, help=BASE_HELP)
-@click.option("--data", required=True, help="Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl.")
+@click.option("--data", required=True, help="Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl or metadata.csv.")
 @click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
               help="Adapter or merged-adapter folder (repeatable); each becomes a column beside the base." + SPEC_HELP)
 @click.option("--output", required=True, type=click.Path(file_okay=False),

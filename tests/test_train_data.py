@@ -27,6 +27,49 @@ def test_local_folder_rows_are_rgb_examples(tmp_path):
     assert (np.asarray(ex.input).astype(int) + np.asarray(ex.target)).min() == 255
 
 
+def _as_csv(folder: str, bom: bool = False) -> str:
+    """Rewrite `folder`'s metadata.jsonl as metadata.csv (the other imagefolder format) with the same rows."""
+    import csv
+
+    jsonl = os.path.join(folder, "metadata.jsonl")
+    rows = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
+    os.remove(jsonl)
+    with open(os.path.join(folder, "metadata.csv"), "w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_metadata_csv_reads_as_its_jsonl_twin(tmp_path, bom):
+    """Session 22: a folder described by metadata.csv (datasets' imagefolder reads both formats; its docs show the
+    CSV first) was refused as 'neither a folder with metadata.jsonl ...'. A spreadsheet's byte-order mark is ignored."""
+    instructions = ("invert it", "negate colours, please", 'say "invert"')  # commas and quotes survive CSV quoting
+    jsonl = load_edit_dataset(make_edit_dataset(tmp_path / "j", 3, size=16, instructions=instructions))
+    csv_ds = load_edit_dataset(_as_csv(make_edit_dataset(tmp_path / "c", 3, size=16, instructions=instructions), bom))
+    assert csv_ds.columns == jsonl.columns == ["input_image", "edited_image", "edit_prompt"]
+    assert csv_ds.read_from.endswith("metadata.csv")
+    for a, b in zip(csv_ds, jsonl):
+        assert a.instruction == b.instruction and np.array_equal(np.asarray(a.input), np.asarray(b.input))
+        assert np.array_equal(np.asarray(a.target), np.asarray(b.target))
+
+
+def test_bad_metadata_csv_is_one_line_naming_the_line(tmp_path):
+    folder = _as_csv(make_edit_dataset(tmp_path / "d", 2, size=8))
+    path = os.path.join(folder, "metadata.csv")
+    lines = open(path, encoding="utf-8").read().splitlines()
+    open(path, "w", encoding="utf-8").write("\n".join([lines[0], lines[1], "in/1.png,out/1.png"]) + "\n")
+    with pytest.raises(AdapterkitError, match=r"metadata.csv line 3 has fewer values than the header's 3 columns"):
+        load_edit_dataset(folder)
+    open(path, "w", encoding="utf-8").write("\n".join([lines[0], "in/0.png,../../etc/passwd,x"]) + "\n")
+    with pytest.raises(AdapterkitError, match=r"line 2: edited_image_file_name '../../etc/passwd' points outside"):
+        load_edit_dataset(folder)
+    open(os.path.join(folder, "metadata.jsonl"), "w").write("")
+    with pytest.raises(AdapterkitError, match=r"holds both metadata.jsonl and metadata.csv; keep the one"):
+        load_edit_dataset(folder)
+
+
 def test_grayscale_and_alpha_images_become_rgb(tmp_path):
     folder = make_edit_dataset(tmp_path / "d", 1, size=8)
     Image.new("L", (8, 8), 100).save(tmp_path / "d" / "in" / "0.png")

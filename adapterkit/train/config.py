@@ -37,7 +37,7 @@ class TrainConfig:
 
     # ---- what to train (required)
     base: str | None = _f(None, "IP2P base: hub id, local diffusers folder, builtin:tiny or builtin:tiny-random.", "required")
-    data: str | None = _f(None, "Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl.", "required")
+    data: str | None = _f(None, "Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl or metadata.csv.", "required")
     # choices is the registry's function, called when checked: a method registered at run time is accepted too.
     method: str | None = _f(None, "Adapter method.", "required", choices=method_names)
     task: str | None = _f(None, "Task name stored in the adapter (e.g. derain).", "required")

@@ -1,9 +1,8 @@
 """Edit datasets: (input image, target image, instruction) rows from the hub, a save_to_disk folder, or a local folder.
 
 Sources
-- a local folder with `metadata.jsonl` (or `<split>/metadata.jsonl`), datasets' imagefolder convention: every key
-  ending in `_file_name` is an image column named without the suffix (`file_name` alone becomes `image`), paths
-  relative to the metadata file. Read directly (no arrow cache), images decoded lazily.
+- a local folder with `metadata.jsonl` or `metadata.csv` (or in `<split>/`), datasets' imagefolder convention
+  (folder.py), images decoded lazily.
 - a `datasets.save_to_disk` folder (Dataset or DatasetDict), or a hub dataset id (`datasets.load_dataset`).
 
 Columns come from a preset (`PRESETS`) or explicit names; with neither, the first preset whose three columns the
@@ -19,14 +18,14 @@ examples into training tensors is train/batches.py's job.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .errors import AdapterkitError, first_line
-from .inference import read_rgb, to_rgb
+from ..errors import AdapterkitError, first_line
+from ..inference import read_rgb, to_rgb
+from .folder import SPLIT_INFO_FILE, FolderTable, Unreadable, metadata_file, top_level_split  # noqa: F401 (SPLIT_INFO_FILE: demo, tests)
 
 # preset -> (input column, target column, instruction column)
 PRESETS = {
@@ -45,10 +44,6 @@ TASK_KEYWORDS = {
     "cartoonize": ("cartoon",),
 }
 TASK_ALIASES = {"low-light": "lowlight", "enhance": "lowlight", "cartoonization": "cartoonize"}
-# A folder's description file; its "split" names the split a top-level metadata.jsonl holds. demo/tasks.py writes
-# it (DATASET_INFO_FILE there; a test checks the two names agree).
-SPLIT_INFO_FILE = "task.json"
-
 
 @dataclass
 class EditExample:
@@ -85,7 +80,7 @@ class EditDataset:
             return None
         try:
             images = [_decode(self._read(row, column)) for column in (self.input_column, self.target_column)]
-        except _Unreadable as e:
+        except Unreadable as e:
             self.skipped[row] = str(e)
             return None
         return EditExample(input=images[0], target=images[1], instruction=self.instructions[i])
@@ -105,10 +100,6 @@ class EditDataset:
             example = self.get(i)
             if example is not None:
                 yield example
-
-
-class _Unreadable(Exception):
-    pass
 
 
 def load_edit_dataset(
@@ -199,55 +190,6 @@ def _resolve_columns(columns, source, preset, input_column, target_column, instr
 
 
 # ------------------------------------------------------------------------------------------------ sources
-class _FolderTable:
-    """metadata.jsonl rows; image columns are paths relative to the metadata file."""
-
-    def __init__(self, metadata: str, split: str):
-        self.root = os.path.dirname(metadata)
-        self.split, self.read_from = split, metadata
-        self.records = []
-        with open(metadata, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise AdapterkitError(f"{metadata} line {number} is not valid JSON ({e.msg}); fix the file") from e
-                if not isinstance(record, dict):
-                    raise AdapterkitError(f"{metadata} line {number} is not a JSON object; fix the file")
-                for key, value in record.items():
-                    if (key == "file_name" or key.endswith("_file_name")) and isinstance(value, str) and value:
-                        self._check_inside(metadata, number, key, value)
-                self.records.append({_column_name(k): v for k, v in record.items()})
-        self.columns = list(dict.fromkeys(k for r in self.records for k in r))
-        self.num_rows = len(self.records)
-
-    def _check_inside(self, metadata: str, number: int, key: str, value: str) -> None:
-        """Image paths must stay inside the dataset folder: no absolute paths, no `../` escapes (issue 7)."""
-        root = os.path.realpath(self.root)
-        target = os.path.realpath(os.path.join(root, value))
-        if os.path.isabs(value) or os.path.commonpath([root, target]) != root:
-            raise AdapterkitError(
-                f"{metadata} line {number}: {key} '{value}' points outside the dataset folder; use paths relative to it"
-            )
-
-    def strings(self, column: str) -> list[str]:
-        return [str(r.get(column) or "") for r in self.records]
-
-    def read(self, row: int, column: str):
-        value = self.records[row].get(column)
-        if not isinstance(value, str) or not value:
-            raise _Unreadable(f"no file name in column {column}")
-        return os.path.join(self.root, value)  # checked to stay inside the folder when the table was read
-
-
-def _column_name(key: str) -> str:
-    if key == "file_name":
-        return "image"
-    return key[: -len("_file_name")] if key.endswith("_file_name") else key
-
-
 class _DatasetsTable:
     """A datasets.Dataset; image columns are read undecoded ({"bytes", "path"}) so bad files can be skipped."""
 
@@ -274,19 +216,19 @@ class _DatasetsTable:
 
 def _open_source(source: str, split: str):
     if os.path.isdir(source):
-        split_metadata = os.path.join(source, split, "metadata.jsonl")
-        top_metadata = os.path.join(source, "metadata.jsonl")
-        if os.path.isfile(split_metadata):
-            return _FolderTable(split_metadata, split)
-        if os.path.isfile(top_metadata):
-            return _FolderTable(top_metadata, _top_level_split(source, split))
+        split_metadata = metadata_file(os.path.join(source, split))
+        top_metadata = metadata_file(source)
+        if split_metadata:
+            return FolderTable(split_metadata, split)
+        if top_metadata:
+            return FolderTable(top_metadata, top_level_split(source, split, os.path.basename(top_metadata)))
         if any(os.path.isfile(os.path.join(source, n)) for n in ("dataset_dict.json", "state.json")):
             return _DatasetsTable(_load_from_disk(source, split), split, source)
         raise AdapterkitError(
-            f"{source} is neither a folder with metadata.jsonl (or {split}/metadata.jsonl) nor a datasets.save_to_disk "
-            "folder; write metadata.jsonl with one line per pair, e.g. {\"input_image_file_name\": \"in/1.png\", "
-            "\"edited_image_file_name\": \"out/1.png\", \"edit_prompt\": \"derain the image\"} (paths relative to "
-            "the folder), or see `adapterkit demo-data` for a folder in that format"
+            f"{source} is neither a folder with metadata.jsonl or metadata.csv (or in {split}/) nor a "
+            "datasets.save_to_disk folder; write metadata.jsonl with one line per pair, e.g. {\"input_image_file_name\": "
+            "\"in/1.png\", \"edited_image_file_name\": \"out/1.png\", \"edit_prompt\": \"derain the image\"} (paths "
+            "relative to the folder), or see `adapterkit demo-data` for a folder in that format"
         )
     if os.path.exists(source):
         raise AdapterkitError(f"dataset {source} is not a folder; pass a dataset folder or a hub dataset id")
@@ -302,28 +244,6 @@ def check_path_exists(source: str) -> None:
             f"dataset {source} is not a folder (nothing at {os.path.abspath(os.path.expanduser(source))}) and, being a "
             "path, is not looked up on the hub; check --data"
         )
-
-
-def _top_level_split(source: str, split: str) -> str:
-    """The one split of a folder whose metadata.jsonl is at its top: the `split` its task.json records (what
-    `adapterkit demo-data --split` writes), else "train" (datasets' imagefolder rule). Asking for "train" (the
-    default) reads it whatever its name; asking for another split than its own is refused, naming the rule."""
-    own = "train"
-    info = os.path.join(source, SPLIT_INFO_FILE)
-    if os.path.isfile(info):
-        try:
-            with open(info, encoding="utf-8") as f:
-                recorded = json.load(f).get("split")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        own = recorded if isinstance(recorded, str) and recorded else own
-    if split in (own, "train"):
-        return own
-    where = f"its {SPLIT_INFO_FILE} names it '{own}'" if own != "train" else "a top-level metadata.jsonl is the train split"
-    raise AdapterkitError(
-        f"{source} holds one split, '{own}' (metadata.jsonl at its top; {where}); pass --split {own}, or add "
-        f"{split}/metadata.jsonl for a '{split}' split"
-    )
 
 
 def looks_like_path(source: str) -> bool:
@@ -365,19 +285,19 @@ def _load_from_hub(name: str, split: str):
 
 
 def _decode(value) -> Image.Image:
-    """A PIL image, a path, or datasets' {"bytes", "path"} dict -> RGB image; _Unreadable on any failure."""
+    """A PIL image, a path, or datasets' {"bytes", "path"} dict -> RGB image; Unreadable on any failure."""
     if isinstance(value, Image.Image):
         return to_rgb(value)
     if isinstance(value, dict):
         value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
     if value is None:
-        raise _Unreadable("empty image cell")
+        raise Unreadable("empty image cell")
     if isinstance(value, str) and not os.path.isfile(value):
-        raise _Unreadable(f"missing file {value}")
+        raise Unreadable(f"missing file {value}")
     try:
         return read_rgb(value)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise _Unreadable(f"{value if isinstance(value, str) else 'image bytes'}: {first_line(e)}") from e
+        raise Unreadable(f"{value if isinstance(value, str) else 'image bytes'}: {first_line(e)}") from e
 
 
 def read_instructions_file(path: str) -> list[str]:
