@@ -134,6 +134,7 @@ def make_tiny_base_command(output, seed, overwrite):
               help="Shorter side of the inputs (multiples of 8). Default: the base's own resolution, else 256.")
 @with_options(device_options)
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
+@click.option("--overwrite", is_flag=True, help="Replace --output's images/ even if it holds files an earlier eval did not write.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(adapters, **options):
     """Judge adapters and merges side by side against the base: metrics, report.html and image grids."""

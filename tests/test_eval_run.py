@@ -346,6 +346,32 @@ def test_bad_input_exits_2_with_one_line(setup, tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
+def test_output_holding_other_images_is_refused(setup, first_run, tmp_path):
+    """eval replaces OUTPUT/images whole. `eval --data D --output D` on a dataset keeping its pictures in D/images/
+    deleted them (session 22); now one line, exit 2, nothing touched. An earlier eval's images/ is replaced as before
+    (first_run's folder, rerun here), and --overwrite replaces any."""
+    data = tmp_path / "d"
+    (data / "images").mkdir(parents=True)
+    rows = []
+    for i in range(2):
+        random_image(i).save(data / "images" / f"in{i}.png")
+        random_image(100 + i).save(data / "images" / f"out{i}.png")
+        rows.append({"input_image_file_name": f"images/in{i}.png", "edited_image_file_name": f"images/out{i}.png",
+                     "edit_prompt": "derain the image"})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = sorted(os.listdir(data / "images"))
+    result = run_eval(setup, str(data), ["derain"], "--data", str(data))
+    assert result.exit_code == 2 and "images holds files an earlier eval did not write (in0.png, in1.png, out0.png, ...)" \
+        in result.output and "--overwrite" in result.output and "Traceback" not in result.output, result.output
+    assert sorted(os.listdir(data / "images")) == before and not (data / "report.json").exists()
+    output = str(tmp_path / "again")
+    shutil.copytree(first_run["output"], output)
+    assert run_eval(setup, output, ["derain"]).exit_code == 0  # an earlier eval's own images/: replaced
+    assert sorted(os.listdir(os.path.join(output, "images"))) == ["derain"]
+    result = run_eval(setup, str(data), ["derain"], "--data", str(data), "--overwrite")
+    assert result.exit_code == 0 and sorted(os.listdir(data / "images")) == ["derain"], result.output
+
+
 def test_instructions_from_the_adapter_for_data_without_instructions(setup, tmp_path):
     data = str(tmp_path / "no-instructions")
     write_edit_dataset(data, ["", ""])

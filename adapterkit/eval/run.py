@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -244,6 +245,7 @@ def evaluate(
     device: str = AUTO_DEVICE,
     dtype: str = DEFAULT_DTYPE,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    overwrite: bool = False,
     quiet: bool = False,
 ) -> EvalResult:
     """Judge `adapters` (folders or Adapter objects; merged ones included) against the base on `data`.
@@ -252,8 +254,9 @@ def evaluate(
     report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`. Sampler
     settings left at None: the base's recorded defaults, else the blog's 20 / 7 / 1.5 (report.json "generation").
     `batch_size`: rows of one column per pipeline call (module docstring). `device` / `dtype` (devices.py, for a
-    base given by name): auto is the GPU when torch sees one, else the CPU; float32 unless asked."""
-    _check_options(task_rows, instructions, limit, output, batch_size)
+    base given by name): auto is the GPU when torch sees one, else the CPU; float32 unless asked. An `output` whose
+    images/ holds files an earlier eval did not write is refused before any work unless `overwrite`."""
+    _check_options(task_rows, instructions, limit, output, batch_size, overwrite)
     columns, tasks = build_columns(list(adapters))
     data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,
                     "instruction_column": instruction_column, "split": split}
@@ -325,7 +328,7 @@ def _score_all(output: str, tasks: list[str], columns: list[Column], rows: dict,
     return sections
 
 
-def _check_options(task_rows: str, instructions: str, limit: int | None, output: str, batch_size: int) -> None:
+def _check_options(task_rows: str, instructions: str, limit: int | None, output: str, batch_size: int, overwrite: bool) -> None:
     if task_rows not in TASK_ROWS:
         raise AdapterkitError(f"task_rows must be one of {', '.join(TASK_ROWS)}, got '{task_rows}'")
     if instructions not in INSTRUCTION_SOURCES:
@@ -336,6 +339,26 @@ def _check_options(task_rows: str, instructions: str, limit: int | None, output:
         raise AdapterkitError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}")
     if os.path.exists(output) and not os.path.isdir(output):
         raise AdapterkitError(f"output {output} exists and is not a folder; choose a folder path")
+    if not overwrite:
+        _check_images_folder(os.path.join(output, "images"))
+
+
+# images/<task folder>/<column>/<row>.png: all an earlier eval leaves in images/ (the column names are safe_name'd)
+_OWN_IMAGE = re.compile(r"\d+\.png")
+
+
+def _check_images_folder(images: str) -> None:
+    """eval replaces OUTPUT/images whole: refuse one holding anything an earlier eval did not write (session 22:
+    `eval --data D --output D` deleted a dataset that kept its pictures in D/images/)."""
+    found = []
+    for root, dirs, files in os.walk(images):
+        depth = os.path.relpath(root, images).count(os.sep) + (root != images)
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".") and (depth < 2 or not _OWN_IMAGE.fullmatch(f))]
+        found += [os.path.join(root, d) for d in sorted(dirs) if depth >= 2 and not d.startswith(".")]
+        if found:
+            shown = ", ".join(os.path.relpath(f, images) for f in found[:3]) + (", ..." if len(found) > 3 else "")
+            raise AdapterkitError(f"{images} holds files an earlier eval did not write ({shown}); eval replaces that "
+                                  "folder with its outputs: choose another --output, or pass --overwrite")
 
 
 def _task_folders(tasks: list[str]) -> dict[str, str]:
