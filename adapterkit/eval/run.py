@@ -250,12 +250,11 @@ def evaluate(
 ) -> EvalResult:
     """Judge `adapters` (folders or Adapter objects; merged ones included) against the base on `data`.
 
-    `base` is a name/path for `load_base` or a loaded Base (it is not modified once the eval returns). Writes
-    report.json, report.html, grids/<task>.png, images/<task>/<column>/<row>.png and cache/ under `output`. Sampler
-    settings left at None: the base's recorded defaults, else the blog's 20 / 7 / 1.5 (report.json "generation").
-    `batch_size`: rows of one column per pipeline call (module docstring). `device` / `dtype` (devices.py, for a
-    base given by name): auto is the GPU when torch sees one, else the CPU; float32 unless asked. An `output` whose
-    images/ holds files an earlier eval did not write is refused before any work unless `overwrite`."""
+    `base` is a name/path for `load_base` or a loaded Base (not modified once the eval returns). Writes report.json,
+    report.html, grids/<task>.png, images/<task>/<column>/<row>.png (an images/ holding other files is refused unless
+    `overwrite`) and cache/ under `output`. Sampler settings left at None: the base's recorded defaults, else 20 / 7
+    / 1.5. `batch_size`: rows of one column per call (module docstring). `device` / `dtype` (devices.py, for a base
+    given by name): auto is the GPU when torch sees one, else the CPU; float32 unless asked."""
     _check_options(task_rows, instructions, limit, output, batch_size, overwrite)
     columns, tasks = build_columns(list(adapters))
     data_options = {"preset": preset, "input_column": input_column, "target_column": target_column,
