@@ -267,8 +267,7 @@ def evaluate(
     keys = {"base": base_hash(loaded.pipe)}  # before any adapter touches the weights (its dtype is in the hash)
     bank = _make_bank(loaded, columns, force)
     sampler = loaded.sampler(steps, guidance, image_guidance)  # issue 18: the base's own defaults unless given
-    settings = _generation_settings(loaded, sampler, resolution)
-    folders = _task_folders(tasks)
+    settings, folders = _generation_settings(loaded, sampler, resolution), _task_folders(tasks)
     cache = OutputCache(os.path.join(output, "cache"))
     try:
         with atomic_folder(os.path.join(output, "images")) as images_dir:
