@@ -143,3 +143,30 @@ def test_readme_demo_synopsis_lists_every_demo_option_and_the_output_is_ignored_
 def summary_folder(out, task):
     """The images/ folder name eval gave `task` (report.json records it)."""
     return json.load(open(os.path.join(out, "report.json")))["tasks"][task]["folder"]
+
+
+def test_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path, tiny_base):
+    """Session 22: the demo trains its adapters with overwrite, so `demo --output .` in a project would have replaced
+    the project's own adapters/derain. A folder holding anything but an earlier demo (its demo.json) is refused
+    before the base loads, nothing touched; an empty one and an earlier demo's are claimed (demo.json first)."""
+    from adapterkit.adapters import load_adapter, save_adapter
+    from adapterkit.demo.run import _claim_output
+    from adapterkit.errors import AdapterkitError
+    from adapterkit.testing import random_lora
+
+    project = tmp_path / "project"
+    save_adapter(random_lora(tiny_base, "derain", seed=5), str(project / "adapters" / "derain"))
+    before = open(project / "adapters" / "derain" / "pytorch_lora_weights.safetensors", "rb").read()
+    with pytest.raises(AdapterkitError, match=r"project holds files that are not an adapterkit demo's \(adapters\); .*"
+                                              r"choose another --output"):
+        run_demo(str(project), DemoSettings(train_rows=8, eval_rows=1, train_steps=2), quiet=True)
+    assert sorted(os.listdir(project)) == ["adapters"] and load_adapter(str(project / "adapters" / "derain")).task == "derain"
+    assert open(project / "adapters" / "derain" / "pytorch_lora_weights.safetensors", "rb").read() == before
+    for folder in (tmp_path / "new", tmp_path / "empty", tmp_path / "earlier"):
+        if folder.name == "empty":
+            folder.mkdir()
+        if folder.name == "earlier":
+            (folder / "adapters").mkdir(parents=True)
+            (folder / "demo.json").write_text("{}")
+        _claim_output(str(folder), DemoSettings())
+        assert json.load(open(folder / "demo.json"))["status"] == "running"

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import AdapterkitError
-from ..fileio import write_json
+from ..fileio import foreign_entries, write_json
 
 
 
@@ -73,6 +73,7 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
     from ..base import load_base
 
     started = time.perf_counter()
+    _claim_output(output, settings)
     base = load_base(settings.base)
     sampler = base.sampler(steps=settings.inference_steps or None)  # the base's recorded settings (base.py)
     steps, guidance = sampler.steps, {"guidance": sampler.guidance, "image_guidance": sampler.image_guidance}
@@ -103,6 +104,19 @@ def run_demo(output: str = "adapterkit-demo", settings: DemoSettings = DemoSetti
     }
     write_json(os.path.join(output, "demo.json"), summary)
     return summary
+
+
+def _claim_output(output: str, settings: DemoSettings) -> None:
+    """The demo replaces what data/, adapters/, merges/ and images/ hold in `output` (its adapters with overwrite), so
+    it writes only into an absent or empty folder, or an earlier demo's, known by its demo.json, which is written
+    first (session 22: `demo --output .` in a project would have replaced the project's own adapters/derain)."""
+    summary = os.path.join(output, "demo.json")
+    shown = "" if os.path.isfile(summary) else foreign_entries(output)
+    if shown:
+        raise AdapterkitError(f"{output} holds files that are not an adapterkit demo's ({shown}); the demo writes "
+                              "data/, adapters/, merges/ and images/ there, replacing what they hold: choose another "
+                              "--output (a new or empty folder, or an earlier demo's)")
+    write_json(summary, {"status": "running", "base": settings.base})  # the full summary replaces it at the end
 
 
 def _write_datasets(output: str, settings: DemoSettings, resolution: int, quiet: bool) -> dict[str, str]:
