@@ -55,6 +55,7 @@ def main():
 @click.option("--output", required=True, type=click.Path(), help="Output image path (one image) or folder (several images, or --jobs).")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="--jobs: jobs per pipeline call, adapters mixed in one batch; 1: one at a time.")
 @click.option("--force", is_flag=True, help="Load adapters made for another base fingerprint (shapes must still match).")
+@click.option("--overwrite", is_flag=True, help="Let an output replace an input image (edit in place).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_options(generation_options)
 def edit_command(adapters, images, instruction, jobs, output, batch_size, force, quiet, base, **options):

@@ -111,6 +111,33 @@ def image_format(path: str, otherwise: str = "") -> str:
     return IMAGE_FORMATS[ext]
 
 
+def check_targets(pairs: list[tuple[str, str]], overwrite: bool = False) -> None:
+    """(input, output) paths: refuse, before any work, an output that is its own or another input (session 22:
+    `edit photos/*.png --output photos` replaced the photographs with their edits) unless `overwrite`, and two
+    inputs written to one output (a/x.png and b/x.jpg -> out/x.png: the second replaced the first's result)."""
+    inputs = {os.path.realpath(source) for source, _target in pairs}
+    written: dict[str, str] = {}
+    for source, target in pairs:
+        real = os.path.realpath(target)
+        if real in written:
+            raise AdapterkitError(f"{written[real]} and {source} would both be written to {target}; edit them into "
+                                  "separate --output folders, or rename one")
+        written[real] = source
+        if real in inputs and not overwrite:
+            raise AdapterkitError(f"output {target} is an input image, which the edit would replace: choose another "
+                                  "--output, or pass --overwrite to edit in place")
+
+
+def _job_target_problem(target: str, inputs: set[str], written: dict[str, int], overwrite: bool) -> str | None:
+    """Why a jobs row may not write `target` (check_targets' rules, worded for a row), or None."""
+    real = os.path.realpath(target)
+    if real in written:
+        return f'output {target} is line {written[real]}\'s as well; give the row another "output" name'
+    if real in inputs and not overwrite:
+        return f'output {target} is an input image, which the edit would replace; give the row another "output" name, or pass --overwrite'
+    return None
+
+
 def save_png(image, path: str) -> None:
     with atomic_file(path) as f:
         image.save(f, format=image_format(path))
@@ -127,6 +154,7 @@ def edit(
     log=None,
     device: str = AUTO_DEVICE,
     dtype: str = DEFAULT_DTYPE,
+    overwrite: bool = False,
     **options,
 ) -> list[str]:
     """Edit each image with `instruction`. With one adapter it is applied; with several, routed by instruction.
@@ -134,6 +162,7 @@ def edit(
     One image: `output` is the file path. Several: `output` is a folder; each result is `<stem>.png` inside.
     `options`: steps, guidance, image_guidance (unset: the base's recorded defaults, else 20 / 7 / 1.5), seed,
     resolution; `device` / `dtype` as make_bank's; `log(line)` receives the device and sampler settings used.
+    An output that is one of the inputs is refused unless `overwrite`, two inputs with one output name always.
     """
     if not images:
         raise AdapterkitError("no input image given; pass one or more image paths")
@@ -148,6 +177,7 @@ def edit(
         image_format(output, " (or be an existing folder)")
     else:
         targets = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png") for p in images]
+    check_targets(list(zip(images, targets)), overwrite)
     loaded = [open_image(p) for p in images]  # fail on a bad image before the slow base load
     for path, img in zip(images, loaded):
         check_edit_size(path, img, options.get("resolution"))
@@ -191,11 +221,14 @@ def read_jobs(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
 DEFAULT_BATCH_SIZE = 8  # jobs per pipeline call in --jobs mode; 1 is the old one-job-per-call path
 
 
-def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution: int | None, errors: list[str]) -> list[dict]:
-    """Open each row's image and resolve its task (AUTO: routed); bad rows go to `errors` as 'line N: problem'."""
-    prepared = []
+def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution: int | None, errors: list[str],
+                  overwrite: bool = False) -> list[dict]:
+    """Open each row's image and resolve its task (AUTO: routed); bad rows go to `errors` as 'line N: problem'
+    (an output that is an input image, or that an earlier row writes: `_job_target_problem`)."""
+    prepared, written = [], {}
+    inputs = {os.path.realpath(_job_image(jobs_dir, row)) for _number, row in rows}
     for number, row in rows:
-        image_path = row["image"] if os.path.isabs(row["image"]) else os.path.join(jobs_dir, row["image"])
+        image_path = _job_image(jobs_dir, row)
         task = row.get("adapter", AUTO)
         try:
             if task not in (AUTO, None) and task not in bank:
@@ -205,13 +238,22 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution:
             row_seed = int(row["seed"]) if "seed" in row else seed
             name = row.get("output") or f"{number:05d}_{os.path.splitext(os.path.basename(row['image']))[0]}.png"
             image_format(str(name))  # a bad extension skips the row here, not the whole run at save time
+            target = os.path.join(output, os.path.basename(name))
+            problem = _job_target_problem(target, inputs, written, overwrite)
+            if problem:
+                raise AdapterkitError(problem)
         except (AdapterkitError, ValueError, TypeError) as e:
             errors.append(f"line {number}: {e}")
             continue
+        written[os.path.realpath(target)] = number
         prepared.append({"line": number, "row": row, "image": image, "seed": row_seed,
-                         "task": bank.route(row["instruction"])[0] if task == AUTO else task,
-                         "target": os.path.join(output, os.path.basename(name))})
+                         "task": bank.route(row["instruction"])[0] if task == AUTO else task, "target": target})
     return prepared
+
+
+def _job_image(jobs_dir: str, row: dict) -> str:
+    """A row's image path: absolute, or relative to the jobs file's folder."""
+    return row["image"] if os.path.isabs(row["image"]) else os.path.join(jobs_dir, row["image"])
 
 
 def _run_chunk(bank, chunk: list[dict], options: dict) -> list:
@@ -238,13 +280,14 @@ def edit_jobs(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = AUTO_DEVICE,
     dtype: str = DEFAULT_DTYPE,
+    overwrite: bool = False,
     **options,
 ) -> JobsResult:
     """Run every row of a jobs file on one loaded base, `batch_size` rows per pipeline call (AdapterBank.edit_batch:
     each row with its own adapter and seed, equal to the row edited alone).
 
     Outputs go to `output/<line>_<image stem>.png` (or the row's "output" name); `output/results.json` lists
-    each row's outcome. Rows whose image or adapter is bad are reported by line number and skipped.
+    each row's outcome. Rows whose image, adapter or output is bad are reported by line number and skipped.
     """
     if batch_size < 1:
         raise AdapterkitError(f"--batch-size must be at least 1, got {batch_size}")
@@ -257,7 +300,7 @@ def edit_jobs(
     result = JobsResult(errors=errors, sampler=sampler.record(), device=record_device(bank.pipe))
     seed = int(options.pop("seed", 0))  # each job carries its seed: the row's, else --seed
     prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, options.get("resolution"),
-                             result.errors)
+                             result.errors, overwrite)
     note_large_inputs(bank, [(j["row"]["image"], j["image"]) for j in prepared], options.get("resolution"), log)
     records, previous = [], None
     with tqdm(total=len(prepared), desc="jobs", unit="job", disable=quiet) as bar:

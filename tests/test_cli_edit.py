@@ -287,3 +287,37 @@ def test_an_output_name_without_an_image_extension_is_refused_before_any_work(se
     assert code == 0 and "2 edited, 1 skipped" in out and "line 2: output x.gif must end in .png" in out, out
     results = json.loads((setup / "outs" / "results.json").read_text())
     assert [r["line"] for r in results["done"]] == [1, 3]
+
+
+def test_outputs_never_replace_an_input_or_each_other(setup, tiny_base_dir, monkeypatch):
+    """Session 22: `edit photos/*.png --output photos` replaced the photographs with their edits, and a/x.png with
+    b/x.jpg into one folder wrote both to x.png (the second result replacing the first). Both are refused before the
+    base loads, files untouched; --overwrite edits in place. In a jobs file such rows are skipped by line."""
+    import adapterkit.edit
+
+    loads = []
+    real = adapterkit.edit.load_base
+    monkeypatch.setattr(adapterkit.edit, "load_base", lambda *a, **k: loads.append(a) or real(*a, **k))
+    (setup / "other").mkdir()
+    random_image(1).save(setup / "two.png")
+    random_image(2).save(setup / "other" / "two.jpg")
+    before = {name: (setup / name).read_bytes() for name in ("in.png", "two.png")}
+    edit = ["edit", "--base", tiny_base_dir, "--instruction", "x", "--quiet", *FAST]
+    code, out = run([*edit, str(setup / "in.png"), str(setup / "two.png"), "--output", str(setup)])
+    assert code == 2 and f"output {setup / 'in.png'} is an input image, which the edit would replace" in out, out
+    code, out = run([*edit, str(setup / "in.png"), "--output", str(setup / "in.png")])
+    assert code == 2 and "--overwrite to edit in place" in out, out
+    code, out = run([*edit, str(setup / "two.png"), str(setup / "other" / "two.jpg"), "--output", str(setup / "outs")])
+    assert code == 2 and f"would both be written to {setup / 'outs' / 'two.png'}" in out, out
+    assert not loads and {name: (setup / name).read_bytes() for name in before} == before
+    code, out = run([*edit, str(setup / "in.png"), "--output", str(setup / "in.png"), "--overwrite"])
+    assert code == 0 and (setup / "in.png").read_bytes() != before["in.png"], out
+    jobs = setup / "jobs.jsonl"
+    rows = [{"image": "two.png", "instruction": "x", "adapter": None, "output": "two.png"},
+            {"image": "two.png", "instruction": "x", "adapter": None, "output": "a.png"},
+            {"image": "in.png", "instruction": "y", "adapter": None, "output": "a.png"}]
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out = run(["edit", "--base", tiny_base_dir, "--jobs", str(jobs), "--output", str(setup), "--quiet", *FAST])
+    assert code == 0 and "1 edited, 2 skipped" in out, out
+    assert "line 1: output" in out and "two.png is an input image" in out and "line 3: output" in out and "is line 2's as well" in out
+    assert (setup / "two.png").read_bytes() == before["two.png"]
