@@ -346,3 +346,17 @@ def test_training_into_another_tasks_adapter_folder_needs_overwrite(trainable_ba
     assert train_cli("lora", "derain", "--seed", "1").exit_code == 0  # the same task and method: its own adapter
     assert train_cli("custom-diffusion", "cartoonize", "--overwrite").exit_code == 0
     assert json.loads((output / "adapter.json").read_text())["task"] == "cartoonize"
+
+
+def test_a_dataset_too_small_to_hold_out_trains_whole_with_a_note(trainable_base_dir, tmp_path):
+    """Session 22: 4 rows with the default 4 validation rows stopped with an error; a dataset with fewer than twice
+    the validation rows now trains on every row, validation off, and says so."""
+    data = make_edit_dataset(tmp_path / "four", 4, size=32)
+    result = CliRunner().invoke(main, ["train", "--base", trainable_base_dir, "--data", data, "--method", "lora",
+                                       "--task", "invert", "--output", str(tmp_path / "out"), "--resolution", "32",
+                                       "--steps", "1", "--batch-size", "1", "--log-with", "none", "--checkpoint-steps", "0"])
+    assert result.exit_code == 0, result.output
+    assert "validation off: 4 rows are too few to hold out 4 (--validation-rows) and train on at least as many; every " \
+           "row trains (pass --validation-rows 2 to validate on fewer)" in result.output
+    assert "rows: 4 for training (0 skipped as unreadable), 0 held out for validation, of 4 in the data" in result.output
+    assert not os.path.exists(tmp_path / "out" / "validation")

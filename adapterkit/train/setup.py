@@ -63,16 +63,23 @@ def init_trackers(accelerator, config_dict: dict) -> None:
 
 
 def hold_out(n: int, cfg: TrainConfig) -> tuple[list[int], list[int]]:
-    """(validation rows, training rows): a seeded random choice of `validation_rows` rows is never trained on."""
-    if not cfg.validation_steps:
+    """(validation rows, training rows): a seeded random choice of `validation_rows` rows is never trained on. A
+    dataset with fewer than twice as many rows is trained on whole, without validation (`too_few_to_hold_out` says
+    so): holding out would leave fewer rows to learn from than to judge by (session 22: 4 rows with the defaults
+    stopped with an error)."""
+    if not cfg.validation_steps or too_few_to_hold_out(n, cfg):
         return [], list(range(n))
-    if n <= cfg.validation_rows:
-        raise AdapterkitError(
-            f"the dataset has {n} rows, too few to hold out {cfg.validation_rows} for validation; lower "
-            "--validation-rows or pass --validation-steps 0"
-        )
     chosen = sorted(torch.randperm(n, generator=seeded_generator(cfg.seed, "validation")).tolist()[: cfg.validation_rows])
     return chosen, [i for i in range(n) if i not in set(chosen)]
+
+
+def too_few_to_hold_out(n: int, cfg: TrainConfig) -> str:
+    """The note `train` prints when validation is on but the data is too small for `hold_out`, else ""."""
+    if not cfg.validation_steps or n >= 2 * cfg.validation_rows:
+        return ""
+    fewer = f" (pass --validation-rows {n // 2} to validate on fewer)" if n >= 2 else ""
+    return (f"validation off: {n} rows are too few to hold out {cfg.validation_rows} (--validation-rows) and train on "
+            f"at least as many; every row trains{fewer}")
 
 
 def check_resolution(base, resolution: int) -> None:
@@ -170,5 +177,6 @@ def describe_rows(cfg, split: str, rows: dict) -> str:
     selected += [f"{rows['without_instruction']} without an instruction left out"] if rows["without_instruction"] else []
     selected += [f"first {cfg.limit} kept (--limit)"] if cfg.limit is not None and rows["selected"] == cfg.limit else []
     held = f"{rows['held_out']} held out for validation, " if rows["held_out"] else ""
+    note = too_few_to_hold_out(rows["selected"], cfg)
     return "; ".join([f"data: {rows['in_data']} rows in {cfg.data} (split {split})", *selected,
-                      f"{held}{rows['training']} to train on"])
+                      f"{held}{rows['training']} to train on"]) + (f"\n{note}" if note else "")
