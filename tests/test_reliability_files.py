@@ -440,3 +440,10 @@ def test_pipeline_writers_never_replace_another_folder_silently(tiny_base, tiny_
     assert json.loads((converted / "adapterkit_base.json").read_text())["made_by"] == "adapterkit convert-base"
     code, out = run("convert-base", sd, "--output", sd, "--overwrite")
     assert code == 0 and json.loads(open(os.path.join(sd, "unet", "config.json")).read())["in_channels"] == 8, out
+    import shutil
+
+    own = str(tmp_path / "own-base")  # --overwrite fuses into the --base itself (checked once, before the solve)
+    shutil.copytree(tiny_base_dir, own)
+    code, out = run("merge", adapter, other, "--base", own, "--method", "linear", "--output", tmp_path / "m2", "--fuse",
+                    "--output-pipeline", own, "--overwrite")
+    assert code == 0 and json.loads(open(os.path.join(own, "adapterkit_base.json")).read())["made_by"] == "adapterkit merge --fuse", out

@@ -124,7 +124,7 @@ def _write(result: MergeResult, base: Base, output: str | None, output_pipeline:
     if output:
         result.path = _save(result.adapter, output, packed)
     if output_pipeline:
-        result.pipeline_path = fuse_into_pipeline(base, result.adapter, output_pipeline)
+        result.pipeline_path = fuse_into_pipeline(base, result.adapter, output_pipeline, overwrite=True)  # checked first
     return result
 
 
