@@ -198,7 +198,7 @@ def read_jobs(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
     if not os.path.isfile(path):
         raise AdapterkitError(f"jobs file {path} does not exist")
     rows, errors = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: Windows editors start files with a BOM
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -285,3 +285,16 @@ def test_instruction_sampling_and_file(tmp_path):
     path.write_text("\n# nothing\n")
     with pytest.raises(AdapterkitError, match="holds no instruction"):
         read_instructions_file(str(path))
+
+
+def test_text_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Windows editors and spreadsheets start UTF-8 files with a BOM; it used to become part of the first line
+    (a jobs file's first row: 'not valid JSON'; an instructions file's first instruction)."""
+    from adapterkit.edit import read_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"image": "a.png", "instruction": "derain it"}\n', encoding="utf-8-sig")
+    assert read_jobs(str(jobs)) == ([(1, {"image": "a.png", "instruction": "derain it"})], [])
+    instructions = tmp_path / "instructions.txt"
+    instructions.write_text("derain the image\nremove the rain\n", encoding="utf-8-sig")
+    assert read_instructions_file(str(instructions)) == ["derain the image", "remove the rain"]

@@ -304,7 +304,7 @@ def read_instructions_file(path: str) -> list[str]:
     """One instruction per line; blank lines and lines starting with # are ignored."""
     if not os.path.isfile(path):
         raise AdapterkitError(f"instructions file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         lines = [line.strip() for line in f]
     found = [line for line in lines if line and not line.startswith("#")]
     if not found:

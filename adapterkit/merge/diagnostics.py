@@ -53,7 +53,7 @@ def read_probes(source) -> dict[str, list[str]]:
         return {str(k): [str(t) for t in v] for k, v in source.items()}
     if not os.path.isfile(source):
         raise AdapterkitError(f"probe instructions file {source} does not exist; pass a file of 'task: phrasing' lines")
-    with open(source, encoding="utf-8", errors="replace") as f:
+    with open(source, encoding="utf-8-sig", errors="replace") as f:
         text = f.read()
     if source.endswith(".json"):
         try:

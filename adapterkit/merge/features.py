@@ -64,7 +64,7 @@ def read_prompts(path: str | None = None) -> list[str]:
     path = path or builtin_reg_prompts_path()
     if not os.path.isfile(path):
         raise AdapterkitError(f"regularization prompt file {path} does not exist; pass a text file with one prompt per line")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise AdapterkitError(f"{path} holds no prompts; write one prompt per line")
