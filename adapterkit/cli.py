@@ -38,7 +38,9 @@ class AdapterkitGroup(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=AdapterkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=AdapterkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+             epilog="New here? `adapterkit demo` runs the whole loop on the bundled base in a few minutes on a CPU. "
+                    "`adapterkit COMMAND --help` explains a command.")
 @click.version_option(package_name="adapterkit")
 def main():
     """Train, merge, evaluate and hot-swap lightweight task adapters for InstructPix2Pix."""
@@ -46,7 +48,7 @@ def main():
     configure_threads()  # before any command imports torch: OpenMP threads sleep, not spin (adapterkit/threads.py)
 
 
-@main.command("edit")
+@main.command("edit", short_help="Edit images (or a --jobs file) with adapters.")
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction." + SPEC_HELP)
 @click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
@@ -82,7 +84,7 @@ def _stderr(line: str) -> None:
     click.echo(line, err=True)
 
 
-@main.command("convert-base")
+@main.command("convert-base", short_help="Turn an SD1.5 pipeline into an IP2P base.")
 @click.argument("source")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the converted IP2P pipeline.")
 @click.option("--overwrite", is_flag=True, help="Replace what --output holds if it is not an earlier conversion (SOURCE itself, say).")
@@ -93,7 +95,7 @@ def convert_base_command(source, output, overwrite):
     click.echo(convert_base(source, output, overwrite=overwrite))
 
 
-@main.command("make-tiny-base")
+@main.command("make-tiny-base", short_help="Write a tiny random IP2P pipeline (for tests).")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the pipeline.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace what --output holds if it is not an earlier tiny pipeline.")
@@ -108,7 +110,7 @@ def make_tiny_base_command(output, seed, overwrite):
 
 
 # --- eval command (issue 5) ---
-@main.command("eval")
+@main.command("eval", short_help="Score adapters and merges: report and grids.")
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--data", required=True, help="Dataset: hub id, datasets.save_to_disk folder, or folder with metadata.jsonl or metadata.csv.")
 @click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(file_okay=False),
@@ -147,7 +149,7 @@ def eval_command(adapters, **options):
 
 
 # --- import command (issue 17) ---
-@main.command("import")
+@main.command("import", short_help="Adopt an adapter written by diffusers' scripts.")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--base", required=True, help=BASE_HELP + " The weights are checked against it.")
 @click.option("--task", required=True, help="Task name of the adapter, e.g. derain.")
@@ -163,7 +165,7 @@ def import_command(folder, **options):
 
 
 # --- merge command (issue 4) ---
-@main.command("merge")
+@main.command("merge", short_help="Merge task adapters into one (least squares).")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--method", default="lsq", show_default=True, type=click.Choice(list(merge_methods.METHODS)),
@@ -227,7 +229,7 @@ def merge_command(adapters, weights, fuse, output_pipeline, **options):
 
 
 # --- demo-data command (issue 6) ---
-@main.command("demo-data")
+@main.command("demo-data", short_help="Write a procedural task as a dataset folder.")
 @click.option("--task", "tasks", required=True, multiple=True,
               help="Procedural task: derain, cartoonize, denoise, lowlight (held out from builtin:tiny) or a general "
                    "edit (brighter, darker, contrast, grayscale, hue, invert, posterize, sepia, saturate, warmer, blur, "
@@ -291,7 +293,7 @@ def _train_options(f):
     return f
 
 
-@main.command("train", cls=_SectionedCommand)
+@main.command("train", cls=_SectionedCommand, short_help="Train one task adapter (Custom Diffusion or LoRA).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of settings (keys: the option names with underscores); flags override it.")
 @_train_options
 def train_command(config_file, **flags):
@@ -321,7 +323,7 @@ def train_command(config_file, **flags):
 
 
 # --- demo command (issue 6) ---
-@main.command("demo")
+@main.command("demo", short_help="Train, merge and judge two adapters (minutes).")
 @click.option("--output", default="adapterkit-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for datasets, adapters, merges, report.html, report.json, grids/ and demo.json (relative to "
                    "the current folder; the checkout's .gitignore ignores the default).")
@@ -343,7 +345,7 @@ def demo_command(output, base, train_steps, merge_prior, quiet):
 
 
 # --- serve command (issue 14) ---
-@main.command("serve")
+@main.command("serve", short_help="Serve edits over HTTP, adapters hot-swapped.")
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False, exists=True), help="Adapter folder to serve (repeatable).")
 @click.option("--adapter-dir", default=None, type=click.Path(file_okay=False), help="Folder of adapter folders: all are served, and POST/DELETE /v1/adapters/NAME load or drop them at run time.")

@@ -321,3 +321,12 @@ def test_outputs_never_replace_an_input_or_each_other(setup, tiny_base_dir, monk
     assert code == 0 and "1 edited, 2 skipped" in out, out
     assert "line 1: output" in out and "two.png is an input image" in out and "line 3: output" in out and "is line 2's as well" in out
     assert (setup / "two.png").read_bytes() == before["two.png"]
+
+
+def test_top_level_help_lists_every_command_whole_and_points_to_the_demo():
+    """`adapterkit --help` is a new user's first screen: one untruncated line per command (click cut them at ~50
+    characters with '...'), and where to start."""
+    code, out = run(["--help"])
+    assert code == 0 and "..." not in out and "adapterkit demo` runs the whole loop" in " ".join(out.split())
+    for command in ("convert-base", "demo", "demo-data", "edit", "eval", "import", "make-tiny-base", "merge", "serve", "train"):
+        assert any(line.split()[:1] == [command] and len(line.split()) > 3 for line in out.splitlines()), command
