@@ -97,3 +97,19 @@ def test_page_shows_the_servers_one_line_error(served, browser, tmp_path):
     browser.find_element(By.ID, "edit").click()
     WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "error").text)
     assert "HTTP 400" in browser.find_element(By.ID, "error").text and "not an image" in browser.find_element(By.ID, "error").text
+
+
+def test_first_visit_shows_a_sample_and_can_edit_at_once(served, browser):
+    """Session 22: a first visit showed two broken-image icons and an empty '(none)' input; the first bundled sample
+    is now chosen and previewed, the output stays hidden until there is one, and Edit works without an upload."""
+    browser.get(served["url"] + "/")
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda d: d.find_element(By.ID, "input-figure").is_displayed())
+    assert Select(browser.find_element(By.ID, "sample")).first_selected_option.get_attribute("value") != ""
+    preview = browser.find_element(By.ID, "input-preview")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", preview) > 0)
+    assert not browser.find_element(By.ID, "output-figure").is_displayed()
+    _set(browser, "steps", "2")
+    browser.find_element(By.ID, "edit").click()
+    wait.until(lambda d: d.find_element(By.ID, "output-figure").is_displayed() or d.find_element(By.ID, "error").text)
+    assert not browser.find_element(By.ID, "error").text and browser.find_element(By.ID, "status").text == "done"

@@ -20,22 +20,33 @@ async function loadLists() {
     $("adapter").add(option);
   }
   if (!$("instruction").value && adapters.length) $("instruction").value = adapters[0].instructions[0] || "";
-  for (const name of (await (await fetch("/v1/samples")).json()).samples) $("sample").add(new Option(name, name));
+  const samples = (await (await fetch("/v1/samples")).json()).samples;
+  for (const name of samples) $("sample").add(new Option(name, name));
+  if (samples.length && !inputBlob) {  // a first visit can press Edit at once
+    $("sample").value = samples[0];
+    await useSample();
+  }
 }
 
 function setInput(blob) {
   inputBlob = blob;
   $("input-preview").src = URL.createObjectURL(blob);
+  $("input-figure").hidden = false;
+  $("output-figure").hidden = true;  // an output of another input would mislead
+}
+
+async function useSample() {
+  const name = $("sample").value;
+  if (!name) return;
+  const blob = await (await fetch(`/v1/samples/${encodeURIComponent(name)}`)).blob();
+  if ($("sample").value === name) setInput(blob);  // an upload while it loaded (it clears the choice) wins
 }
 
 $("image-file").addEventListener("change", () => {
   if ($("image-file").files.length) { $("sample").value = ""; setInput($("image-file").files[0]); }
 });
 
-$("sample").addEventListener("change", async () => {
-  if (!$("sample").value) return;
-  setInput(await (await fetch(`/v1/samples/${encodeURIComponent($("sample").value)}`)).blob());
-});
+$("sample").addEventListener("change", useSample);
 
 function formFor(adapter) {
   const form = new FormData();
@@ -74,6 +85,7 @@ $("edit-form").addEventListener("submit", async (event) => {
     const result = await runEdit($("adapter").value);
     $("output").src = result.url;
     $("route").textContent = result.caption;
+    $("output-figure").hidden = false;
     $("status").textContent = "done";
   } catch (e) {
     showError(e.message);
