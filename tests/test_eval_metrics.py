@@ -155,3 +155,15 @@ def test_retention_is_not_applicable_when_the_adapter_gain_is_within_noise_issue
     assert view["note"] is None and view["psnr_retention"] == pytest.approx(0.25)
     one = rows([2.0])
     assert "no noise estimate" in merge_view(one, summarise_task(one, ["base", "a", "m"]), "m", "a")["note"]
+
+
+def test_merge_table_shows_the_why_column_only_when_a_retention_is_missing():
+    from adapterkit.eval.report import _merge_table
+
+    view = {"task_adapter": "derain", "psnr_retention": 0.86, "merged_gain_db": 3.6, "adapter_gain_db": 4.2,
+            "psnr_vs_task_adapter": {"mean": 32.0, "ci95": [30.0, 34.0], "n": 8}}
+    both = {"merges": {"merged-lsq": view, "merged-linear": dict(view, psnr_retention=0.56)}}
+    assert "n/a because" not in _merge_table(both) and "86%" in _merge_table(both)
+    missing = {"merges": {"merged-lsq": view, "merged-linear": dict(view, psnr_retention=None, note="gain within noise")}}
+    table = _merge_table(missing)
+    assert "<th>retention n/a because</th>" in table and "gain within noise" in table and table.count("<td class=\"note\">") == 2

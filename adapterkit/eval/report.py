@@ -215,19 +215,19 @@ def _merge_table(section: dict) -> str:
     if not section["merges"]:
         return ""
     rows = []
+    whys = {m: html.escape(v["note"]) if v["psnr_retention"] is None and v.get("note") else "" for m, v in section["merges"].items()}
     for merge, view in section["merges"].items():
         retention = html.escape(format_retention(view["psnr_retention"]))
-        why = html.escape(view["note"]) if view["psnr_retention"] is None and view.get("note") else ""
         close = _format_stat(view["psnr_vs_task_adapter"], 2)
         gains = [view.get("merged_gain_db"), view.get("adapter_gain_db")]
         gains = ["-" if g is None else f"{g:+.3f}" for g in gains]
+        why = f'<td class="note">{whys[merge]}</td>' if any(whys.values()) else ""  # the column only when a row needs it
         rows.append(f"<tr><td>{html.escape(merge)}</td><td>{html.escape(str(view['task_adapter']))}</td>"
-                    f"<td>{retention}</td><td>{gains[0]}</td><td>{gains[1]}</td><td>{html.escape(close)}</td>"
-                    f'<td class="note">{why}</td></tr>')
+                    f"<td>{retention}</td><td>{gains[0]}</td><td>{gains[1]}</td><td>{html.escape(close)}</td>{why}</tr>")
     return ('<table class="merges"><caption>merge view: retention = (merged - base) / (adapter - base) on PSNR'
             "</caption><tr><th>merge</th><th>task adapter</th><th>PSNR retention</th><th>merged gain (dB)</th>"
-            f"<th>adapter gain (dB)</th><th>PSNR to adapter outputs (dB)</th><th>retention n/a because</th></tr>"
-            f"{''.join(rows)}</table>")
+            "<th>adapter gain (dB)</th><th>PSNR to adapter outputs (dB)</th>"
+            f"{'<th>retention n/a because</th>' if any(whys.values()) else ''}</tr>{''.join(rows)}</table>")
 
 
 def _grid_table(task_folder: str, section: dict) -> str:
