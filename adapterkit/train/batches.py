@@ -1,5 +1,5 @@
 """Examples -> training tensors: IP2P's paired crop/flip, instruction sampling, the VAE and text encoders, and the
-latent cache of `--cache-latents`. Datasets themselves are read by adapterkit/data.py.
+latent cache of `--cache-latents`. Datasets themselves are read by adapterkit/data/.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..adapters.registry import method_names  # names only: the registry imports no torch
 from ..errors import AdapterkitError
 
-PRESETS = ("ip2p", "cartoonization", "low-level")  # column presets, defined in adapterkit/data.py
+PRESETS = ("ip2p", "cartoonization", "low-level")  # column presets, defined in adapterkit/data/
 OPTIMIZERS = ("adamw8bit", "adamw")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -49,7 +49,7 @@ class TrainConfig:
     target_column: str | None = _f(None, "Column of edited (target) images (overrides the preset).", "data")
     instruction_column: str | None = _f(None, "Column of edit instructions (overrides the preset).", "data")
     split: str = _f("train", "Dataset split.", "data")
-    data_task: str | None = _f(None, "Train only on rows of this task of a multi-task dataset (e.g. derain; rule in adapterkit/data.py).", "data")
+    data_task: str | None = _f(None, "Train only on rows of this task of a multi-task dataset (e.g. derain: rows naming it and no other known task; README, train).", "data")
     limit: int | None = _f(None, "Use at most this many rows (after --data-task).", "data")
     resolution: int | None = _f(None, "Training resolution (multiple of 8); default: the base's own, else 256.", "data")
     center_crop: bool = _f(False, "Center crop instead of IP2P's random crop (always on with --cache-latents).", "data")
