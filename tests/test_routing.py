@@ -8,7 +8,7 @@ from adapterkit.testing import random_custom_diffusion, random_lora
 from adapterkit.adapters.bank import AdapterBank
 import torch
 
-from adapterkit.adapters.routing import Router, content_words, read_background, stem
+from adapterkit.adapters.routing import Router, content_words, read_background, split_compound, stem
 from adapterkit.base import load_base
 from adapterkit.demo import tasks
 
@@ -38,7 +38,7 @@ def test_probe_accuracy_on_the_bundled_base(bank):
     rows = probes()
     assert len(rows) >= 40 and not {p for p, _ in rows} & {i for t in HELDOUT for i in tasks.TASKS[t].instructions}
     right = sum(bank.route(p)[0] == t for p, t in rows)
-    assert right >= 44, right  # measured 44 of 48 (91.7%) on v1, v2 and v2.1: below the issue's 95%, see the README
+    assert right >= 45, right  # 45 of 48 (93.8%) on v2.1 since compounds split (44 before): below the issue's 95%
     assert bank.route("invert the colors")[0] is None  # the demo's probe: a general edit, the base's own
 
 
@@ -122,3 +122,18 @@ def test_an_instruction_the_base_records_as_its_own_goes_to_the_base():
     bank.add(random_custom_diffusion(base, "negative", seed=2, instructions=["invert the colors"]))
     assert bank.route("invert the colors") == ("negative", 1.0)  # an adapter trained on it wins
     bank.close()
+
+
+def test_compounds_split_and_one_spare_letter_is_another_word():
+    """Session 22: "take away the raindrops" matched derain's "rain" only half (0.206 < threshold 0.216) and "take
+    the grain out" matched it half through "g+rain". A compound of two known words now splits ("raindrops" -> rain,
+    drops: a full match); a word that holds a task word with one letter to spare ("grain") matches nothing, while
+    an affix ("derain", "denoise") still counts half."""
+    vocabulary = {"rain", "drop", "snow", "fall", "nois"}
+    assert split_compound("raindrops", vocabulary) == ["rain", "drops"] and split_compound("snowfall", vocabulary) == ["snow", "fall"]
+    assert split_compound("derain", vocabulary) == ["derain"] and split_compound("grain", vocabulary) == ["grain"]
+    router = Router(lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=1), read_background())
+    router.set_tasks({"derain": list(tasks.TASKS["derain"].instructions), "denoise": list(tasks.TASKS["denoise"].instructions)})
+    assert router.parts("take the grain out")[0]["derain"] == 0.0
+    assert router.parts("take away the raindrops")[0]["derain"] == pytest.approx(router.parts("take away the rain drops")[0]["derain"])
+    assert router.parts("take away the raindrops")[0]["derain"] > router.parts("take away the rainfoo")[0]["derain"] > 0

@@ -8,7 +8,8 @@ Features of a query q against task t (stored instructions S_t):
   its instructions' tf-idf vectors (a word in every phrasing of the task weighs more than one in a single
   phrasing; minus beta x the word's largest share in another task); lex(q, t) is the cosine of the query's vector
   with it, where a query word matches a task word fully when the stems are equal and half when one (>= 4 letters)
-  is inside the other ("raindrops" ~ "rain", "denoise" ~ "noise").
+  begins or ends the other with >= 2 letters to spare ("denoise" ~ "noise"; not "grain" ~ "rain"). A compound of
+  two known words (stems of the background and the bank) is split first: "raindrops" -> rain, drops.
 - encoder: the best cosine between q's pooled text feature and those of S_t (what routing used alone before).
 score(q, t) = (1 - alpha) * lex + alpha * cosine.
 
@@ -76,12 +77,23 @@ def stem(word: str) -> str:
     return word
 
 
+def split_compound(word: str, vocabulary: set[str]) -> list[str]:
+    """A compound of two known words split in two ("raindrops" -> rain, drops; "snowfall" -> snow, fall), each part
+    >= 4 letters with its stem in `vocabulary`; else [word]. An affix keeps its word whole ("derain")."""
+    for i in range(4, len(word) - 3):
+        if stem(word[:i]) in vocabulary and stem(word[i:]) in vocabulary:
+            return [word[:i], word[i:]]
+    return [word]
+
+
 def _match(a: str, b: str) -> float:
-    """1 for equal stems, 0.5 when one (>= 4 letters) is inside the other ("rain" in "derain", "raindrop")."""
+    """1 for equal stems, 0.5 when one (>= 4 letters) begins or ends the other with >= 2 letters to spare ("rain" in
+    "derain", "noise" in "denoise"); a single spare letter makes another word ("grain", "brain", "train")."""
     if a == b:
         return 1.0
     short, long_ = (a, b) if len(a) <= len(b) else (b, a)
-    return 0.5 if len(short) >= 4 and short in long_ else 0.0
+    affixed = long_.startswith(short) or long_.endswith(short)
+    return 0.5 if len(short) >= 4 and affixed and len(long_) - len(short) >= 2 else 0.0
 
 
 class Router:
@@ -95,17 +107,24 @@ class Router:
         self._frac: dict[str, dict[str, float]] = {}  # task -> stem -> share of its instructions holding it
         self._features: dict[str, torch.Tensor] = {}
         self._idf: dict[str, float] = {}
+        self._vocabulary: set[str] = set()  # stems of the background and the tasks: what compounds split into
         self._n_docs = 1
         self._vectors: dict = {}  # beta -> task vectors (_task_vectors)
         self.alpha, self.beta, self.threshold = 0.0, 0.0, 0.5
         self.calibration: dict = {}
 
+    def stems(self, text: str) -> list[str]:
+        """The stems the lexical score compares: content words, compounds of two known words split."""
+        return [stem(part) for w in content_words(text) for part in split_compound(w, self._vocabulary)]
+
     def set_tasks(self, tasks: dict[str, list[str]]) -> None:
         self.tasks = {t: list(i) for t, i in tasks.items() if i}
-        self._docs = {t: [{stem(w) for w in content_words(text)} for text in i] for t, i in self.tasks.items()}
+        texts = self.background + [text for i in self.tasks.values() for text in i]
+        self._vocabulary = {stem(w) for text in texts for w in content_words(text)}
+        self._docs = {t: [set(self.stems(text)) for text in i] for t, i in self.tasks.items()}
         self._frac = {t: _shares(docs) for t, docs in self._docs.items()}
         self._features = {t: self.encode(i) for t, i in self.tasks.items()}
-        docs = [{stem(w) for w in content_words(text)} for text in self.background] + [d for ds in self._docs.values() for d in ds]
+        docs = [set(self.stems(text)) for text in self.background] + [d for ds in self._docs.values() for d in ds]
         counts: dict[str, int] = {}
         for doc in docs:
             for w in doc:
@@ -143,7 +162,7 @@ class Router:
         the other tasks keep their full vectors)."""
         query = self.encode([text])[0] if query is None else query
         vectors = dict(self._task_vectors(self.beta if beta is None else beta))
-        q_words = list(dict.fromkeys(stem(w) for w in content_words(text)))
+        q_words = list(dict.fromkeys(self.stems(text)))
         q_norm = math.sqrt(sum(self.idf(w) ** 2 for w in q_words)) or 1.0
         lex, cosines = {}, {}
         for t, (vector, norm, other) in vectors.items():
