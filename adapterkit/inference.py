@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from .errors import AdapterkitError, first_line
 
@@ -34,12 +34,16 @@ def open_image(path: str) -> Image.Image:
 
 
 def read_rgb(source) -> Image.Image:
-    """Open a path or file object as RGB with Pillow's pixel cap set to MAX_IMAGE_PIXELS; PIL's errors propagate."""
+    """Open a path or file object as RGB with Pillow's pixel cap set to MAX_IMAGE_PIXELS; PIL's errors propagate.
+    An EXIF orientation (a phone's portrait photo is stored sideways with a tag saying so) is applied, as diffusers'
+    `load_image` and datasets' Image feature do (session 22: such photos were edited, trained on and served sideways)."""
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with Image.open(source) as img:
             img.load()
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                return to_rgb(ImageOps.exif_transpose(img))
             return to_rgb(img)
     finally:
         Image.MAX_IMAGE_PIXELS = previous

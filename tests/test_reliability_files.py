@@ -155,6 +155,29 @@ def test_images_of_every_mode_are_converted_not_refused(tmp_path):
     assert np.asarray(open_image(str(tmp_path / "gray16.png"))).max() == round(59900 / 65535 * 255)
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_as_diffusers_load_image_does(tmp_path, orientation):
+    """Session 22: a phone's portrait photo, stored sideways with an EXIF orientation tag, was edited (and trained on,
+    and served) sideways; diffusers' load_image and datasets' Image feature turn it upright first."""
+    from diffusers.utils import load_image
+
+    from adapterkit.data import load_edit_dataset
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:10, :20] = 255  # a white block in one corner tells the orientations apart
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    img.save(path, exif=exif.tobytes(), quality=95)
+    ours, theirs = open_image(str(path)), load_image(str(path))
+    assert ours.size == theirs.size == ((40, 60) if orientation in (6, 8) else (60, 40))
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"input_image_file_name": "photo.jpg", "edited_image_file_name":
+                                                         "photo.jpg", "edit_prompt": "x"}) + "\n")
+    assert np.array_equal(np.asarray(load_edit_dataset(str(tmp_path))[0].input), np.asarray(theirs))
+
+
 def test_broken_and_oversized_images_give_one_line_errors(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     good = _save(Image.new("RGB", (64, 64), "red"), tmp_path / "good.png")
