@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -331,3 +332,17 @@ def test_top_level_help_lists_every_command_whole_and_points_to_the_demo():
     assert code == 0 and "..." not in commands and "adapterkit demo` runs the whole loop" in " ".join(out.split())
     for command in ("convert-base", "demo", "demo-data", "edit", "eval", "import", "make-tiny-base", "merge", "serve", "train"):
         assert any(line.split()[:1] == [command] and len(line.split()) > 3 for line in commands.splitlines()), command
+
+
+def test_jpeg_output_is_written_at_quality_95(setup, tiny_base_dir, tiny_base):
+    """Pillow's default JPEG quality (75) put blocks on the edited detail; the same edit as a PNG and as a JPEG now
+    differ by what quality 95 costs, measured on the PNG re-encoded by Pillow at 95 (same bytes)."""
+    from PIL import Image
+
+    paths = {ext: setup / f"out.{ext}" for ext in ("png", "jpg")}
+    for path in paths.values():
+        code, out = run(["edit", "--base", tiny_base_dir, str(setup / "in.png"), "--instruction", "x", "--output", str(path), "--quiet", *FAST])
+        assert code == 0, out
+    expected = io.BytesIO()
+    Image.open(paths["png"]).save(expected, format="JPEG", quality=95)
+    assert paths["jpg"].read_bytes() == expected.getvalue()
