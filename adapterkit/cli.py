@@ -51,7 +51,7 @@ def main():
 @main.command("edit", short_help="Edit images (or a --jobs file) with adapters.")
 @click.option("--base", required=True, help=BASE_HELP)
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(file_okay=False), help="Adapter folder (repeatable). With several, each image is routed by instruction." + SPEC_HELP)
-@click.argument("images", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, type=click.Path())
 @click.option("--instruction", help="The edit instruction (single-image mode).")
 @click.option("--jobs", type=click.Path(dir_okay=False), help='JSON lines {"image", "instruction", "adapter"?, "seed"?}: one base load, --batch-size jobs per call.')
 @click.option("--output", required=True, type=click.Path(), help="Output image path (one image) or folder (several images, or --jobs).")
@@ -61,7 +61,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @with_options(generation_options)
 def edit_command(adapters, images, instruction, jobs, output, batch_size, force, quiet, base, **options):
-    """Edit IMAGES with an instruction, or run a --jobs file, on a base with optional adapters."""
+    """Edit IMAGES (files, or folders of them) with an instruction, or run a --jobs file, on a base with optional adapters."""
     from .edit import edit, edit_jobs
 
     if jobs:

@@ -111,6 +111,28 @@ def image_format(path: str, otherwise: str = "") -> str:
     return IMAGE_FORMATS[ext]
 
 
+# The files a folder given as IMAGE stands for: the usual photo formats Pillow reads.
+INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def expand_inputs(paths) -> tuple[list[str], bool]:
+    """IMAGE arguments -> image files, a folder standing for its image files (INPUT_EXTENSIONS, sorted, not its
+    subfolders; session 22: `edit photos/` was click's "File 'photos' is a directory"); and whether a folder was
+    given (its results then go to a folder, however many there are)."""
+    files, folder_given = [], False
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        folder_given = True
+        found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                       if os.path.splitext(name)[1].lower() in INPUT_EXTENSIONS and not name.startswith("."))
+        if not found:
+            raise AdapterkitError(f"folder {path} holds no image ({', '.join(INPUT_EXTENSIONS)}); pass image files or a folder of them")
+        files += found
+    return files, folder_given
+
+
 def check_targets(pairs: list[tuple[str, str]], overwrite: bool = False) -> None:
     """(input, output) paths: refuse, before any work, an output that is its own or another input (session 22:
     `edit photos/*.png --output photos` replaced the photographs with their edits) unless `overwrite`, and two
@@ -164,20 +186,23 @@ def edit(
 ) -> list[str]:
     """Edit each image with `instruction`. With one adapter it is applied; with several, routed by instruction.
 
-    One image: `output` is the file path. Several: `output` is a folder; each result is `<stem>.png` inside.
+    `images`: files, or folders standing for their image files (expand_inputs). One image: `output` is the file
+    path. Several, or a folder: `output` is a folder; each result is `<stem>.png` inside.
     `options`: steps, guidance, image_guidance (unset: the base's recorded defaults, else 20 / 7 / 1.5), seed,
     resolution; `device` / `dtype` as make_bank's; `log(line)` receives the device and sampler settings used.
     An output that is one of the inputs is refused unless `overwrite`, two inputs with one output name always.
     """
+    images, several = expand_inputs(images)
     if not images:
         raise AdapterkitError("no input image given; pass one or more image paths")
-    if len(images) > 1 and os.path.splitext(output)[1].lower() in IMAGE_FORMATS and not os.path.isdir(output):
+    several = several or len(images) > 1
+    if several and os.path.splitext(output)[1].lower() in IMAGE_FORMATS and not os.path.isdir(output):
         # issue 19: this used to create a folder named like an image file, holding every result
         raise AdapterkitError(
-            f"{len(images)} input images but --output {output} names one image file; pass a folder for the "
+            f"{len(images)} input image(s) but --output {output} names one image file; pass a folder for the "
             "results (each is <input stem>.png inside), or edit one image at a time"
         )
-    if len(images) == 1 and not os.path.isdir(output):
+    if not several and not os.path.isdir(output):
         targets = [output]
         image_format(output, " (or be an existing folder)")
     else:

@@ -98,7 +98,7 @@ def test_several_images_and_an_image_file_output_are_refused_issue_19(setup, tin
     code, out = run(["edit", "--base", tiny_base_dir, str(setup / "in.png"), str(setup / "in2.png"),
                      "--instruction", "x", "--output", str(setup / "two.png"), "--quiet", *FAST])
     assert code == 2 and len(out.strip().splitlines()) == 1, out
-    assert "2 input images but --output" in out and "pass a folder" in out
+    assert "2 input image(s) but --output" in out and "pass a folder" in out
     assert not (setup / "two.png").exists()  # nothing written, no folder named like an image
     code, out = run(["edit", "--base", tiny_base_dir, str(setup / "in.png"), str(setup / "in2.png"),
                      "--instruction", "x", "--output", str(setup / "outs"), "--quiet", *FAST])
@@ -346,3 +346,26 @@ def test_jpeg_output_is_written_at_quality_95(setup, tiny_base_dir, tiny_base):
     expected = io.BytesIO()
     Image.open(paths["png"]).save(expected, format="JPEG", quality=95)
     assert paths["jpg"].read_bytes() == expected.getvalue()
+
+
+def test_a_folder_stands_for_its_images(setup, tiny_base_dir):
+    """Session 22: `edit photos/ --output out/` stopped at click's "File 'photos' is a directory". A folder now
+    stands for its image files (sorted; other files and subfolders left out), and its results go to a folder even
+    when it holds one image; a folder without images is one line."""
+    photos = setup / "photos"
+    (photos / "sub").mkdir(parents=True)
+    random_image(1).save(photos / "b.jpg")
+    random_image(2).save(photos / "a.png")
+    (photos / "notes.txt").write_text("not an image")
+    random_image(3).save(photos / "sub" / "c.png")
+    edit = ["edit", "--base", tiny_base_dir, "--instruction", "x", "--quiet", *FAST]
+    code, out = run([*edit, str(photos), "--output", str(setup / "out")])
+    assert code == 0 and out.splitlines()[-2:] == [str(setup / "out" / "a.png"), str(setup / "out" / "b.png")], out
+    assert sorted(os.listdir(setup / "out")) == ["a.png", "b.png"]  # notes.txt and sub/ left out
+    (setup / "one").mkdir()
+    random_image(4).save(setup / "one" / "only.png")
+    code, out = run([*edit, str(setup / "one"), "--output", str(setup / "out1")])
+    assert code == 0 and (setup / "out1" / "only.png").is_file(), out
+    (setup / "empty").mkdir()
+    code, out = run([*edit, str(setup / "empty"), "--output", str(setup / "out2")])
+    assert code == 2 and "folder" in out and "holds no image (.png, .jpg" in out and "Traceback" not in out, out
