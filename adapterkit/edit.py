@@ -98,6 +98,16 @@ def refuse_unroutable(bank: AdapterBank) -> None:
         )
 
 
+def describe_route(details: dict) -> str:
+    """One line for the log: where routing sent an instruction and why ('route: -> derain (score 0.64 >= threshold
+    0.24)'); `edit` printed nothing, so a user could not tell an adapter's edit from the base's."""
+    task = details["task"] or "base"
+    if details.get("stored"):
+        return f"route: -> {task} (an instruction {'the base' if task == 'base' else 'the adapter'} stores)"
+    sign = ">=" if details["task"] else "<"
+    return f"route: -> {task} (best score {details['score']:.2f} {sign} threshold {details['threshold']:.2f})"
+
+
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # output extension -> PIL format
 
 
@@ -218,6 +228,8 @@ def edit(
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
     if task == AUTO:
         refuse_unroutable(bank)
+        if log:
+            log(describe_route(bank.route_details(instruction)))
     for img, target in tqdm(list(zip(loaded, targets)), desc="edit", unit="image", disable=quiet):
         save_image(at_input_size(bank.edit(img, instruction, task=task, **options), img, options.get("resolution")), target)
     return targets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -369,3 +370,13 @@ def test_a_folder_stands_for_its_images(setup, tiny_base_dir):
     (setup / "empty").mkdir()
     code, out = run([*edit, str(setup / "empty"), "--output", str(setup / "out2")])
     assert code == 2 and "folder" in out and "holds no image (.png, .jpg" in out and "Traceback" not in out, out
+
+
+def test_a_routed_edit_says_where_it_went(setup, tiny_base_dir):
+    """Session 22: with several adapters `edit` routed silently, so an adapter's edit and the base's looked alike."""
+    edit = ["edit", "--base", tiny_base_dir, "--adapter", str(setup / "derain"), "--adapter", str(setup / "cartoonize"),
+            str(setup / "in.png"), "--output", str(setup / "out.png"), "--quiet", *FAST]
+    code, out = run([*edit, "--instruction", "derain the image"])
+    assert code == 0 and "route: -> derain (an instruction the adapter stores)" in out, out
+    code, out = run([*edit, "--instruction", "print the report"])
+    assert code == 0 and re.search(r"route: -> base \(best score 0\.\d\d < threshold 0\.\d\d\)", out), out

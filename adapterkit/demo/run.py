@@ -272,8 +272,18 @@ def format_summary(summary: dict) -> str:
               "routing: " + "; ".join(f"'{r['instruction']}' -> {r['task'] or 'base'} ({r['cosine']:.2f})" for r in bank["routing"]),
               "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_seconds"].items())
               + f"; {summary['seconds']:.0f} in all",
-              f"report: {summary['files']['report_html']}"]
+              f"report: {summary['files']['report_html']}", *_next_steps(summary)]
     return "\n".join(lines)
+
+
+def _next_steps(summary: dict) -> list[str]:
+    """What to try next with the demo's adapters: an edit of your own picture, and the web page."""
+    adapters = os.path.join(os.path.dirname(summary["files"]["report_html"]), "adapters")
+    base = summary["settings"].get("base", "builtin:tiny")
+    return ["", f"next: adapterkit edit --base {base} --adapter {adapters}/derain --adapter {adapters}/cartoonize "
+                'YOUR.jpg --instruction "remove the rain" --output edited.png',
+            f"      adapterkit serve --base {base} --adapter-dir {adapters}  (the [serve] extra; then open "
+            "http://127.0.0.1:8000/)"]
 
 
 def adapter_label(adapter) -> str:
