@@ -208,7 +208,7 @@ def import_command(folder, **options):
 @click.option("--as-lora", is_flag=True, help="Write a LoRA (the lsq update exactly, at rank = constraint rows, or --max-rows when they exceed it) instead of full K/V.")
 @click.option("--task", default=None, help="Task name of the merged adapter (default: the sources' names joined by '+').")
 @click.option("--fuse", is_flag=True, help="Also write a full diffusers pipeline with the merge baked in (needs --output-pipeline).")
-@click.option("--output-pipeline", default=None, type=click.Path(file_okay=False), help="Folder for the fused pipeline (with --fuse).")
+@click.option("--output-pipeline", default=None, type=click.Path(file_okay=False), help="Folder for a full diffusers pipeline with the merge baked in (implies --fuse).")
 @click.option("--force", is_flag=True, help="Merge adapters made for another base fingerprint (shapes must still match).")
 @click.option("--overwrite", is_flag=True, help="Replace an adapter of another task or method (a source, say) already in --output, "
               "or what --output-pipeline holds if it is not an earlier fused pipeline (the base itself, say).")
@@ -217,8 +217,8 @@ def merge_command(adapters, weights, fuse, output_pipeline, **options):
     """Merge task adapters made on one base into one adapter: least squares on K/V, or a baseline."""
     from .merge import merge
 
-    if fuse != bool(output_pipeline):
-        raise AdapterkitError("--fuse and --output-pipeline DIR go together: pass both to write a fused pipeline")
+    if fuse and not output_pipeline:  # --output-pipeline alone implies --fuse
+        raise AdapterkitError("--fuse needs --output-pipeline DIR: the folder for the fused pipeline")
     try:
         weight_list = [float(w) for w in weights.split(",")] if weights else None
     except ValueError as e:

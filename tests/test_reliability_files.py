@@ -439,8 +439,8 @@ def test_pipeline_writers_never_replace_another_folder_silently(tiny_base, tiny_
     tiny = str(tmp_path / "tiny")
     assert run("make-tiny-base", "--output", tiny)[0] == 0
     kept = {folder: tree_digest(folder) for folder in (sd, adapter, tiny, tiny_base_dir)}
-    fuse = ("merge", adapter, other, "--base", tiny_base_dir, "--method", "linear", "--output", tmp_path / "m", "--fuse",
-            "--output-pipeline")
+    fuse = ("merge", adapter, other, "--base", tiny_base_dir, "--method", "linear", "--output", tmp_path / "m",
+            "--output-pipeline")  # without --fuse, which it implies
     refusals = [
         (("convert-base", sd, "--output", sd), "sd is the pipeline this command reads; writing the converted pipeline there would replace it"),
         (("convert-base", sd, "--output", adapter), "holds files that are not a pipeline (README.md, adapter.json"),
