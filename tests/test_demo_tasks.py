@@ -104,9 +104,9 @@ def test_write_task_dataset_loads_with_datasets_imagefolder(tmp_path):
 
     out = str(tmp_path / "derain")
     tasks.write_task_dataset("derain", out, n=2, seed=0, resolution=32, quiet=True)
-    open(os.path.join(out, "stale.txt"), "w").close()  # an earlier dataset is replaced whole
+    # an earlier dataset is replaced whole (one with files added to it is refused: test_reliability_files.py)
     assert tasks.write_task_dataset("derain", out, n=3, seed=1, resolution=32, quiet=True) == out
-    assert not os.path.exists(os.path.join(out, "stale.txt"))
+    assert len(os.listdir(os.path.join(out, "input"))) == 3
     ds = datasets.load_dataset("imagefolder", data_dir=out, split="train")
     assert set(ds.column_names) == {"input_image", "edited_image", "edit_prompt"} and len(ds) == 3
     rows = [json.loads(line) for line in open(os.path.join(out, "metadata.jsonl"))]

@@ -401,6 +401,9 @@ def test_train_and_demo_data_never_delete_a_folder_of_another_kind(trainable_bas
     for target in (tmp_path / "empty", tmp_path / "ds", tmp_path / "ds"):  # empty, new, an earlier dataset: written
         code, out = run("demo-data", "--task", "derain", "--rows", "2", "--output", target, "--quiet")
         assert code == 0, out
+    save_adapter(random_custom_diffusion(tiny_base, "derain"), str(tmp_path / "ds" / "adapter"))  # added to a dataset
+    code, out = run("demo-data", "--task", "derain", "--rows", "2", "--output", tmp_path / "ds", "--quiet")
+    assert code == 2 and "not a demo-data dataset (adapter)" in out and (tmp_path / "ds" / "adapter" / "adapter.json").is_file(), out
 
 
 def _text_to_image_copy(tiny_base_dir, folder) -> str:

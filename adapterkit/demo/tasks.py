@@ -194,12 +194,17 @@ def _check_dataset_args(task: str, n: int, resolution: int, split: str) -> None:
         raise AdapterkitError(f"the resolution must be a multiple of 8, at least 16 (got {resolution})")
 
 
+# What write_task_dataset puts in its folder: an earlier dataset holding only these is replaced whole.
+DATASET_ENTRIES = frozenset({"input", "edited", "metadata.jsonl", DATASET_INFO_FILE})
+
+
 def _check_dataset_folder(output: str) -> None:
     """The folder is replaced whole: refuse one holding anything but an earlier demo-data dataset (session 21:
-    `demo-data --output adapters/derain` deleted the adapter)."""
+    `demo-data --output adapters/derain` deleted the adapter), or an earlier dataset with files added to it
+    (session 22: an adapter trained into data/derain/adapter would have gone with it)."""
     from ..fileio import foreign_entries
 
-    shown = "" if os.path.isfile(os.path.join(output, DATASET_INFO_FILE)) else foreign_entries(output)
+    shown = foreign_entries(output, DATASET_ENTRIES if os.path.isfile(os.path.join(output, DATASET_INFO_FILE)) else frozenset())
     if shown:
         raise AdapterkitError(f"{output} holds files that are not a demo-data dataset ({shown}); writing the dataset "
                               "there would delete them: choose another --output, or delete them first")
