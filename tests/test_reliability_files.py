@@ -368,6 +368,10 @@ def test_merge_and_import_never_replace_another_adapter_silently(tiny_base, tiny
     for _ in range(2):  # the same merge again replaces its own output
         code, out = run("merge", derain, cartoon, "--base", tiny_base_dir, "--method", "linear", "--output", merged)
         assert code == 0, out
+    (tmp_path / "merged" / "samples").mkdir()  # files added beside an adapter went with it on a rerun (session 22)
+    code, out = run("merge", derain, cartoon, "--base", tiny_base_dir, "--method", "linear", "--output", merged)
+    assert code == 2 and "holds files besides its custom-diffusion adapter 'cartoonize+derain' (samples)" in out, out
+    assert (tmp_path / "merged" / "samples").is_dir()
     code, out = run("import", cartoon, "--base", tiny_base_dir, "--task", "cartoonize", "--instruction", "x", "--output",
                     derain, "--overwrite")
     assert code == 0 and load_adapter(derain).task == "cartoonize", out

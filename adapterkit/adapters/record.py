@@ -188,17 +188,31 @@ def held_adapter(folder: str) -> tuple[str, str] | None:
         return None
 
 
+def _own_files(folder: str) -> frozenset:
+    """What save_adapter (and an lsq merge) writes into an adapter folder: adapter.json, the model card, and
+    safetensors / .bin files (weights, modifier tokens, merge constraints)."""
+    return frozenset(n for n in os.listdir(folder) if n in (METADATA_FILE, "README.md") or n.endswith((".safetensors", ".bin")))
+
+
 def check_replaceable(folder: str, task: str, method: str, overwrite: bool = False, kept=frozenset()) -> None:
     """Refuse, before any work, to write the (task, method) adapter where it would replace something else, unless
     `overwrite`: an adapter of another task or method, or files that are no adapter at all (session 21: a mistyped
     --output of train, merge or import replaced a finished adapter silently, a merge even one of its own sources, and
     `train --data data/derain --output data/derain` deleted the dataset when it published). The same task and method
-    replace their own adapter: a rerun. An absent or empty folder, or one holding only the entries the writer keeps
-    (`kept`: train's checkpoints/, validation/, logs/), is free."""
+    replace their own adapter (a rerun), unless files were added beside it (session 22: they went with the old
+    adapter). An absent or empty folder, or one holding only the entries the writer keeps (`kept`: train's
+    checkpoints/, validation/, logs/), is free."""
     if overwrite or not os.path.isdir(folder):
         return
     held = held_adapter(folder)
-    if held is None:
+    if held == (task, method):
+        added = foreign_entries(folder, frozenset(kept) | _own_files(folder))
+        if added:
+            raise AdapterkitError(
+                f"{folder} holds files besides its {method} adapter '{task}' ({added}); writing the adapter again "
+                "would delete them: move them out, choose another --output, or pass --overwrite"
+            )
+    elif held is None:
         shown = foreign_entries(folder, kept)
         if shown:
             raise AdapterkitError(
