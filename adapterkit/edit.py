@@ -150,24 +150,24 @@ def check_targets(pairs: list[tuple[str, str]], overwrite: bool = False) -> None
     inputs = {os.path.realpath(source) for source, _target in pairs}
     written: dict[str, str] = {}
     for source, target in pairs:
-        real = os.path.realpath(target)
-        if real in written:
-            raise AdapterkitError(f"{written[real]} and {source} would both be written to {target}; edit them into "
+        clash, earlier = _target_clash(target, inputs, written, overwrite)
+        if clash == "written":
+            raise AdapterkitError(f"{earlier} and {source} would both be written to {target}; edit them into "
                                   "separate --output folders, or rename one")
-        written[real] = source
-        if real in inputs and not overwrite:
+        if clash == "input":
             raise AdapterkitError(f"output {target} is an input image, which the edit would replace: choose another "
                                   "--output, or pass --overwrite to edit in place")
+        written[os.path.realpath(target)] = source
 
 
-def _job_target_problem(target: str, inputs: set[str], written: dict[str, int], overwrite: bool) -> str | None:
-    """Why a jobs row may not write `target` (check_targets' rules, worded for a row), or None."""
+def _target_clash(target: str, inputs: set[str], written: dict, overwrite: bool) -> tuple[str | None, object]:
+    """The one rule of check_targets and jobs rows: ("written", who wrote it) when an earlier image or row writes
+    `target` (`written`: real path -> who), ("input", None) when it is an input image and not `overwrite`, else
+    (None, None). The callers word the error for their input."""
     real = os.path.realpath(target)
     if real in written:
-        return f'output {target} is line {written[real]}\'s as well; give the row another "output" name'
-    if real in inputs and not overwrite:
-        return f'output {target} is an input image, which the edit would replace; give the row another "output" name, or pass --overwrite'
-    return None
+        return "written", written[real]
+    return ("input" if real in inputs and not overwrite else None), None
 
 
 # Pillow's JPEG and WebP default (quality 75/80) shows blocks on edited detail; PNG is lossless and ignores it.
@@ -266,7 +266,7 @@ DEFAULT_BATCH_SIZE = 8  # jobs per pipeline call in --jobs mode; 1 is the old on
 def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution: int | None, errors: list[str],
                   overwrite: bool = False) -> list[dict]:
     """Open each row's image and resolve its task (AUTO: routed); bad rows go to `errors` as 'line N: problem'
-    (an output that is an input image, or that an earlier row writes: `_job_target_problem`)."""
+    (an output that is an input image, or that an earlier row writes: `_target_clash`)."""
     prepared, written = [], {}
     inputs = {os.path.realpath(_job_image(jobs_dir, row)) for _number, row in rows}
     for number, row in rows:
@@ -281,9 +281,12 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution:
             name = row.get("output") or f"{number:05d}_{os.path.splitext(os.path.basename(row['image']))[0]}.png"
             image_format(str(name))  # a bad extension skips the row here, not the whole run at save time
             target = os.path.join(output, os.path.basename(name))
-            problem = _job_target_problem(target, inputs, written, overwrite)
-            if problem:
-                raise AdapterkitError(problem)
+            clash, earlier = _target_clash(target, inputs, written, overwrite)
+            if clash == "written":
+                raise AdapterkitError(f'output {target} is line {earlier}\'s as well; give the row another "output" name')
+            if clash == "input":
+                raise AdapterkitError(f'output {target} is an input image, which the edit would replace; give the row '
+                                      'another "output" name, or pass --overwrite')
         except (AdapterkitError, ValueError, TypeError) as e:
             errors.append(f"line {number}: {e}")
             continue

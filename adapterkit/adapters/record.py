@@ -219,7 +219,7 @@ def check_replaceable(folder: str, task: str, method: str, overwrite: bool = Fal
                 f"{folder} holds files that are not an adapter ({shown}); writing the {method} adapter '{task}' there "
                 "would delete them: choose another --output, or pass --overwrite"
             )
-    elif held != (task, method):
+    else:  # another task or method
         raise AdapterkitError(
             f"{folder} already holds the {held[1]} adapter '{held[0]}'; writing the {method} adapter '{task}' there "
             "would replace it: choose another --output, or pass --overwrite"

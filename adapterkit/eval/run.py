@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..adapters.record import Adapter
 from ..devices import AUTO as AUTO_DEVICE
 from ..devices import DEFAULT_DTYPE
+from ..devices import record as record_device
 from ..errors import AdapterkitError
 from ..fileio import atomic_file, atomic_folder
 from ..inference import to_rgb
@@ -299,9 +300,7 @@ def _generation_settings(loaded, sampler, resolution: int) -> dict:
     """What decides every output besides its row, all part of every cache key: the sampler settings, the resolution,
     and the kind of device and dtype (an output made on another device, other kernels and last bits, is not reused;
     the dtype is in the base's hash as well)."""
-    from ..devices import record
-
-    return {**sampler.options(), "resolution": resolution, **record(loaded.pipe)}
+    return {**sampler.options(), "resolution": resolution, **record_device(loaded.pipe)}
 
 
 def _make_bank(loaded, columns: list[Column], force: bool):
