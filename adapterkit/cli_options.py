@@ -36,7 +36,8 @@ def generation_options() -> list:
         click.option("--seed", default=0, show_default=True, type=int, help='Seed of torch.Generator("cpu") passed to the pipeline.'),
         click.option("--resolution", default=None, type=click.IntRange(8, 4096),
                      help="Resize so the shorter side is this (multiples of 8). Default: the input's own size "
-                          "(edited at sides rounded down to the VAE's multiple, then resized back)."),
+                          "(edited at sides rounded down to the VAE's multiple, then resized back), a shorter side "
+                          "over 4x the base's training resolution scaled down to that (builtin:tiny: 256)."),
         *device_options(),
     ]
 

@@ -25,7 +25,8 @@ from .devices import placement
 from .devices import record as record_device
 from .errors import AdapterkitError
 from .fileio import atomic_file, write_json
-from .inference import MIN_EDIT_SIDE, at_input_size, open_image, too_small_to_edit
+from .inference import (DEFAULT_SIDE_FACTOR, MIN_EDIT_SIDE, at_input_size, fit_for_edit, largest_default_side, open_image,
+                        too_small_to_edit)
 
 
 @dataclass
@@ -47,9 +48,6 @@ def _sampler_options(bank: AdapterBank, options: dict, log) -> tuple[dict, objec
     return {**options, **sampler.options()}, sampler
 
 
-LARGE_SIDE_FACTOR = 4  # a shorter side over 4x the base's training resolution (16x its pixels) gets a note
-
-
 def check_edit_size(path: str, image, resolution: int | None) -> None:
     """One line instead of the pipeline's ValueError for an image with a side under MIN_EDIT_SIDE."""
     if too_small_to_edit(image, resolution):
@@ -57,20 +55,18 @@ def check_edit_size(path: str, image, resolution: int | None) -> None:
                               f"{MIN_EDIT_SIDE}: pass --resolution (the shorter side) to scale it up")
 
 
-def note_large_inputs(bank: AdapterBank, named_images: list[tuple[str, object]], resolution: int | None, log) -> bool:
-    """Without --resolution an image is edited at its own size. Far above the base's training size that is slow on a
-    CPU (builtin:tiny, trained at 64 px: a 512 x 512 photo took 120 s against 1.4 s at 64 px on 2 cores) and the
-    adapters act at a scale they never saw; say so once, with the option that avoids it. True when it did."""
-    if resolution is not None or log is None:
-        return False
-    trained = bank.base.resolution
-    large = [(path, image) for path, image in named_images if min(image.size) > LARGE_SIDE_FACTOR * trained]
-    if large:
+def note_scaled_inputs(bank: AdapterBank, named_images: list[tuple[str, object]], resolution: int | None, log) -> bool:
+    """Without --resolution an image over `largest_default_side` (4x the base's training resolution) is edited scaled
+    down to it (`fit_for_edit`): say so once, with the option that edits at another size. True when it did."""
+    side = largest_default_side(bank.base.resolution)
+    large = [(path, image) for path, image in named_images if min(image.size) > side] if resolution is None else []
+    if large and log is not None:
         path, image = large[0]
+        width, height = fit_for_edit(image, None, side).size
         more = f" (and {len(large) - 1} more inputs that large)" if len(large) > 1 else ""
-        log(f"note: the base was trained at {trained} px and {os.path.basename(path)} is {image.width} x {image.height}"
-            f"{more}: edited at that size it takes longer and may not look like its training; --resolution {trained} "
-            "edits at the training size")
+        log(f"note: {os.path.basename(path)} is {image.width} x {image.height}{more}: edited at {width} x {height} "
+            f"(shorter side {side}, {DEFAULT_SIDE_FACTOR}x the {bank.base.resolution} px the base was trained at) and resized back; "
+            f"--resolution N edits at shorter side N ({min(image.size)}: its own size, far slower)")
     return bool(large)
 
 
@@ -223,15 +219,16 @@ def edit(
         check_edit_size(path, img, options.get("resolution"))
     bank = make_bank(base, list(adapters), force=force, device=device, dtype=dtype, log=log)
     options, _ = _sampler_options(bank, options, log)
-    if note_large_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log) and not quiet:
-        bank.pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")  # minutes per image: show the steps
+    if note_scaled_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log) and not quiet:
+        bank.pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")  # seconds per image: show the steps
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
     if task == AUTO:
         refuse_unroutable(bank)
         if log:
             log(describe_route(bank.route_details(instruction)))
     for img, target in tqdm(list(zip(loaded, targets)), desc="edit", unit="image", disable=quiet):
-        save_image(at_input_size(bank.edit(img, instruction, task=task, **options), img, options.get("resolution")), target)
+        work = fit_for_edit(img, options.get("resolution"), largest_default_side(bank.base.resolution))
+        save_image(at_input_size(bank.edit(work, instruction, task=task, **options), img, options.get("resolution")), target)
     return targets
 
 
@@ -292,6 +289,7 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution:
             continue
         written[os.path.realpath(target)] = number
         prepared.append({"line": number, "row": row, "image": image, "seed": row_seed,
+                         "work": fit_for_edit(image, resolution, largest_default_side(bank.base.resolution)),
                          "task": bank.route(row["instruction"])[0] if task == AUTO else task, "target": target})
     return prepared
 
@@ -304,7 +302,7 @@ def _job_image(jobs_dir: str, row: dict) -> str:
 def _run_chunk(bank, chunk: list[dict], options: dict) -> list:
     """One edit_batch call for the chunk; a chunk that cannot be mixed (LoRA beyond K/V beside other tasks) runs
     one job at a time instead. Same outputs either way."""
-    args = ([j["image"] for j in chunk], [j["row"]["instruction"] for j in chunk], [j["task"] for j in chunk],
+    args = ([j["work"] for j in chunk], [j["row"]["instruction"] for j in chunk], [j["task"] for j in chunk],
             [j["seed"] for j in chunk])
     try:
         return bank.edit_batch(*args, **options)
@@ -346,7 +344,7 @@ def edit_jobs(
     seed = int(options.pop("seed", 0))  # each job carries its seed: the row's, else --seed
     prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, options.get("resolution"),
                              result.errors, overwrite)
-    note_large_inputs(bank, [(j["row"]["image"], j["image"]) for j in prepared], options.get("resolution"), log)
+    note_scaled_inputs(bank, [(j["row"]["image"], j["image"]) for j in prepared], options.get("resolution"), log)
     records, previous = [], None
     with tqdm(total=len(prepared), desc="jobs", unit="job", disable=quiet) as bar:
         for start in range(0, len(prepared), batch_size):

@@ -229,17 +229,37 @@ def test_edit_keeps_the_input_size_when_the_pipeline_rounds_it(setup, tiny_base_
     assert Image.open(setup / "small.png").size == (88, 64)  # an explicit resolution is the size asked for
 
 
-def test_an_image_far_larger_than_the_training_size_gets_a_note_with_the_fix(setup, tiny_base_dir, tiny_base):
-    """Edited at its own size, a photo 5x the base's training side is slow on a CPU: stderr says so once, names
-    --resolution and shows the denoising steps; at the training size, or with --resolution given, nothing is said."""
-    side = 5 * tiny_base.resolution
-    random_image(4, side).save(setup / "large.png")
+def test_an_image_far_larger_than_the_training_size_is_edited_scaled_down_and_comes_back_at_its_size(
+        setup, tiny_base_dir, tiny_base):
+    """A phone photo edited at its own size held a CPU for hours. Without --resolution, a shorter side over 4x the
+    base's training resolution is edited at that side (here 5x -> 4x) and resized back: the result is the edit at
+    --resolution 4x, resized to the input's size. stderr says so once and names --resolution; --jobs does the same;
+    at the training size, or with --resolution given, nothing is said and nothing is scaled."""
+    side, largest = 5 * tiny_base.resolution, 4 * tiny_base.resolution
+    random_image(4, 40).resize((side + 16, side), Image.Resampling.NEAREST).save(setup / "large.png")
     result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, str(setup / "large.png"), "--instruction", "x",
                                        "--output", str(setup / "large-out.png"), "--steps", "1"])
     assert result.exit_code == 0, result.output
-    assert f"large.png is {side} x {side}" in result.stderr and f"--resolution {tiny_base.resolution}" in result.stderr
-    assert "steps: 100%" in result.stderr  # the pipeline's own step bar, since one image may take minutes
-    assert Image.open(setup / "large-out.png").size == (side, side)  # still edited as asked
+    width = (side + 16) * largest // side // 8 * 8  # resize_for_edit: shorter side -> largest, multiples of 8
+    assert (f"note: large.png is {side + 16} x {side}: edited at {width} x {largest} (shorter side {largest}, 4x the "
+            f"{tiny_base.resolution} px the base was trained at) and resized back; --resolution N") in result.stderr
+    assert "steps: 100%" in result.stderr  # the pipeline's own step bar
+    scaled = np.asarray(Image.open(setup / "large-out.png"), dtype=np.int16)
+    assert scaled.shape == (side, side + 16, 3)  # the input's size
+    code, out = run(["edit", "--base", tiny_base_dir, str(setup / "large.png"), "--instruction", "x", "--resolution",
+                     str(largest), "--output", str(setup / "at-largest.png"), "--quiet", "--steps", "1"])
+    assert code == 0, out
+    at_largest = Image.open(setup / "at-largest.png")
+    assert at_largest.size == (width, largest)
+    expected = np.asarray(at_largest.resize((side + 16, side), Image.Resampling.BICUBIC), dtype=np.int16)
+    assert np.abs(scaled - expected).max() <= 1
+    (setup / "large-jobs.jsonl").write_text(json.dumps({"image": "large.png", "instruction": "x", "adapter": None,
+                                                       "output": "large.png"}) + "\n")
+    result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, "--jobs", str(setup / "large-jobs.jsonl"),
+                                       "--output", str(setup / "large-jobs"), "--steps", "1", "--quiet"])
+    assert result.exit_code == 0 and "note: large.png is" in result.stderr, result.output
+    jobs_pixels = np.asarray(Image.open(setup / "large-jobs" / "large.png"), dtype=np.int16)
+    assert np.abs(jobs_pixels - scaled).max() <= 1
     for args in (["in.png"], ["large.png", "--resolution", str(tiny_base.resolution)]):
         result = CliRunner().invoke(main, ["edit", "--base", tiny_base_dir, str(setup / args[0]), *args[1:], "--instruction",
                                            "x", "--output", str(setup / "quiet.png"), "--quiet", "--steps", "1"])

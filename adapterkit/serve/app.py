@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..adapters.bank import AUTO
 from ..errors import AdapterkitError, first_line
-from ..inference import at_input_size
+from ..inference import at_input_size, fit_for_edit, largest_default_side
 from .inputs import BASE, ServeError, decode_image, parse_params, read_fields, unknown_adapter
 from .metrics import Metrics
 from .page import PAGE_FILES, page_path
@@ -97,6 +97,10 @@ def create_app(catalog, settings: ServeSettings | None = None, samples: dict[str
     app = FastAPI(title="adapterkit", summary="InstructPix2Pix edits with hot-swapped task adapters", lifespan=lifespan)
     app.state.catalog, app.state.scheduler, app.state.metrics, app.state.settings = catalog, scheduler, metrics, settings
     app.state.samples = dict(samples or {})
+    # No resolution asked: a shorter side over 4x the base's training size, or over the largest resolution a request
+    # may ask for, is scaled down to it and answered at the size sent; a phone photo edited at its own size held the
+    # one worker for hours on a CPU, past every request's timeout.
+    app.state.largest_default_side = min(largest_default_side(catalog.bank.base.resolution), settings.max_resolution)
     app.add_middleware(Guard, limit=settings.max_body_bytes, metrics=metrics)
     _add_error_handlers(app)
     _add_edit_route(app)
@@ -194,13 +198,15 @@ def _add_edit_route(app: FastAPI) -> None:
         params = parse_params(raw, state.settings)
         task = _resolve_adapter(params.adapter, state.catalog)
         image = await run_in_threadpool(decode_image, data, state.settings, params.resolution)
+        work = fit_for_edit(image, params.resolution, state.largest_default_side)  # a phone photo: scaled down
         timeout = params.timeout or state.settings.timeout_s
-        job = state.scheduler.submit(Job(image, params.instruction, task, params.seed, params.options(state.catalog.bank.base), arrived + timeout))
+        job = state.scheduler.submit(Job(work, params.instruction, task, params.seed, params.options(state.catalog.bank.base), arrived + timeout))
         outcome = await _wait(request, job, arrived + timeout, timeout)
         if outcome is None:
             return Response(status_code=499)  # nobody is listening; nginx's code for "client closed request"
         png = await run_in_threadpool(_png, at_input_size(outcome.image, image, None))  # the size it came in
         info = {"adapter": outcome.task or BASE, "routed": task == AUTO, "score": outcome.score, "seed": params.seed,
+                "edited_size": f"{work.width}x{work.height}",
                 "batch_size": outcome.batch_size, "queue_ms": round(outcome.queue_s * 1000, 1),
                 "compute_ms": round(outcome.compute_s * 1000, 1), "total_ms": round((time.monotonic() - arrived) * 1000, 1)}
         if "application/json" in request.headers.get("accept", ""):
