@@ -49,6 +49,22 @@ def test_mixed_batch_equals_each_image_edited_alone(tiny_base, one_thread):
     assert np.abs(bank.edit_batch(images[:1], instructions[:1], TASKS[:1], [7], **OPTS)[0] - outputs[0]).max() > 1e-3
 
 
+def test_stop_ends_the_call_between_steps_and_the_bank_edits_as_before_after_it(tiny_base, one_thread):
+    """`stop` (what serve passes: every request of the batch abandoned) is checked after each denoising step; once
+    true the call raises Stopped there, and the next call's outputs are unchanged (mixed and single-task paths)."""
+    from adapterkit.adapters.batch_edit import Stopped
+
+    bank = make_bank(tiny_base)
+    images, instructions, seeds = batch_inputs(3)
+    expected = bank.edit_batch(images, instructions, TASKS[:3], seeds, **OPTS)
+    for tasks in (TASKS[:3], ["lora_a"] * 3):
+        checks = []
+        with pytest.raises(Stopped, match="stopped after step 1"):
+            bank.edit_batch(images, instructions, tasks, seeds, steps=5, stop=lambda: checks.append(1) or True)
+        assert len(checks) == 1  # one step ran, not five
+    assert max_diff(bank.edit_batch(images, instructions, TASKS[:3], seeds, stop=lambda: False, **OPTS), expected) == 0
+
+
 def test_the_vae_sees_one_image_at_a_time_and_keeps_its_setting(tiny_base, one_thread, monkeypatch):
     """A batch gains in the UNet, not in the VAE: batch_edit encodes and decodes each image alone (6x less peak
     memory for 8 images at 512 px, bench/batch_decode_memory.py), on both paths, and leaves use_slicing as it was."""

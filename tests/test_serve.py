@@ -213,6 +213,21 @@ def test_a_disconnected_client_and_a_timed_out_request_have_their_work_dropped(s
     assert edited == edited_before + 2  # the slow one and the last one: no work for the two dropped
 
 
+def test_a_running_batch_whose_every_request_was_abandoned_stops_and_frees_the_worker(served):
+    """A request that times out while its batch runs: the batch (that request alone) stops at the next denoising step
+    instead of running all 100 of them for nobody; counted as stopped, not as an edited image; the server serves on."""
+    image = png_bytes(random_image(3, size=40).resize((256, 256), Image.Resampling.NEAREST))
+    before = metric(served, "adapterkit_stopped_total", reason="timeout")
+    edited_before = sum(metric(served, "adapterkit_images_total", adapter=a) for a in ("base", "derain", "cartoonize", "denoise"))
+    late = post_edit(served, image, instruction="x", adapter="base", steps=100, timeout=1)  # 100 steps: far over 1 s
+    assert "did not finish within 1 s" in _one_line_error(late, 504)
+    answer = post_edit(served, png_bytes(random_image(0)), instruction="x", steps=1)  # waits for the worker
+    assert answer.status_code == 200
+    assert metric(served, "adapterkit_stopped_total", reason="timeout") == before + 1
+    edited = sum(metric(served, "adapterkit_images_total", adapter=a) for a in ("base", "derain", "cartoonize", "denoise"))
+    assert edited == edited_before + 1  # only the second request was edited
+
+
 def test_adapters_are_added_and_removed_at_run_time_only_from_the_adapter_dir(served, tmp_path):
     from adapterkit.adapters import save_adapter
     from adapterkit.base import load_base

@@ -84,9 +84,28 @@ def edit_batch(bank, images, instructions, tasks=None, seeds=None, **options) ->
     return outputs
 
 
+class Stopped(Exception):
+    """`edit_batch(..., stop=f)`: f() turned true between two denoising steps, so the call ended early. Not an
+    AdapterkitError: callers that retry a failed batch one image at a time must not retry a stopped one."""
+
+
+def _stop_between_steps(stop):
+    """A diffusers callback_on_step_end that raises Stopped once stop() is true (the IP2P pipeline has no
+    `interrupt`); None when there is nothing to check."""
+    if stop is None:
+        return None
+
+    def callback(_pipe, step, _timestep, tensors):
+        if stop():
+            raise Stopped(f"stopped after step {step + 1}")
+        return tensors
+
+    return callback
+
+
 def run_group(bank, images, instructions, tasks, seeds, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-              image_guidance: float = DEFAULT_IMAGE_GUIDANCE, output_type: str = "pil"):
-    """One pipeline call for images of one size (bank lock held by the caller)."""
+              image_guidance: float = DEFAULT_IMAGE_GUIDANCE, output_type: str = "pil", stop=None):
+    """One pipeline call for images of one size (bank lock held by the caller); `stop`: see Stopped."""
     pipe = bank.pipe
     weights = {}
     try:
@@ -99,7 +118,8 @@ def run_group(bank, images, instructions, tasks, seeds, steps: int = DEFAULT_STE
         mixed = False
     guided = guidance > 1.0 and image_guidance >= 1.0  # the pipeline's own rule for two-way guidance
     call = dict(image=images, num_inference_steps=steps, guidance_scale=guidance, image_guidance_scale=image_guidance,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type=output_type)
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type=output_type,
+                callback_on_step_end=_stop_between_steps(stop))
     with torch.no_grad(), one_image_at_a_time(pipe.vae):
         if not mixed:  # one task whose adapter cannot be mixed: the swap path, one batched call
             bank.activate(tasks[0])

@@ -10,6 +10,8 @@ adapterkit_images_total{adapter}            images edited, by adapter ("base" fo
 adapterkit_swaps_total                      batches whose adapters differ from the previous batch's (what a
                                             one-adapter-at-a-time server would swap)
 adapterkit_dropped_total{reason}            edits dropped before any work: disconnected, timeout, shutdown
+adapterkit_stopped_total{reason}            edits stopped between denoising steps: every request of their batch
+                                            was abandoned (disconnected, timeout)
 adapterkit_adapters                         adapters loaded now (gauge)
 """
 
@@ -36,6 +38,8 @@ class Metrics:
         self.images = Counter("adapterkit_images", "Images edited", ["adapter"], registry=r)
         self.swaps = Counter("adapterkit_swaps", "Batches whose set of adapters differs from the previous batch's", registry=r)
         self.dropped = Counter("adapterkit_dropped", "Edits dropped before any work was done", ["reason"], registry=r)
+        self.stopped = Counter("adapterkit_stopped", "Edits stopped mid-batch: every request of the batch abandoned",
+                               ["reason"], registry=r)
         self.adapters = Gauge("adapterkit_adapters", "Adapters loaded", registry=r)
         self._last_used: set | None = None  # adapters of the previous batch
 

@@ -6,7 +6,9 @@ share a call when their image size and options (steps, guidance, image guidance)
 (`AdapterBank.edit_batch` mixes them). Requests that do not match wait for a later batch, in arrival order.
 
 A request whose client went away, or whose deadline passed, before the worker reached it is dropped there (no
-work is done for it). One already in a running batch finishes with the batch; its result is discarded.
+work is done for it). One already in a running batch finishes with the batch, its result discarded, unless every
+request of that batch was abandoned: then the batch stops at the next denoising step and the worker moves on (a
+batch of minutes on a CPU no longer holds the worker for nobody).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..adapters.bank import AUTO
+from ..adapters.batch_edit import Stopped
 from ..errors import AdapterkitError
 from .inputs import ServeError, unknown_adapter
 
@@ -62,7 +65,8 @@ class Job:
         return (self.image.size, tuple(sorted(self.options.items())))
 
     def drop(self, reason: str) -> bool:
-        """Cancel the job if the worker has not started it; True when no work will be done for it."""
+        """Cancel the job if the worker has not started it; True when no work will be done for it. A started job
+        keeps running, marked abandoned (`drop_reason`), until its whole batch is (Scheduler._execute)."""
         self.drop_reason = reason
         return self.future.cancel()
 
@@ -175,7 +179,13 @@ class Scheduler:
         try:
             self._resolve_tasks(bank, jobs)
             images = bank.edit_batch([j.image for j in jobs], [j.instruction for j in jobs], tasks=[j.task for j in jobs],
-                                     seeds=[j.seed for j in jobs], **jobs[0].options)
+                                     seeds=[j.seed for j in jobs], stop=lambda: all(j.drop_reason for j in jobs),
+                                     **jobs[0].options)
+        except Stopped as e:  # nobody waits for any of these results any more
+            for job in jobs:
+                self.metrics.stopped.labels(reason=job.drop_reason).inc()
+                job.future.set_exception(e)
+            return
         except Exception as e:  # noqa: BLE001 - one bad request must not fail the others: retry them one by one
             if len(jobs) > 1 and isinstance(e, (AdapterkitError, ServeError, ValueError)):
                 for job in jobs:
