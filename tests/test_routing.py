@@ -38,7 +38,9 @@ def test_probe_accuracy_on_the_bundled_base(bank):
     rows = probes()
     assert len(rows) >= 40 and not {p for p, _ in rows} & {i for t in HELDOUT for i in tasks.TASKS[t].instructions}
     right = sum(bank.route(p)[0] == t for p, t in rows)
-    assert right >= 45, right  # 45 of 48 (93.8%) on v2.1 since compounds split (44 before): below the issue's 95%
+    # 46 of 48 (95.8%, issue 13's bar is 95%) since session 23 (a word the task word begins is another word: "lighten"
+    # no longer half-matches lowlight's "light"); 45 with that half-match, 44 before compounds split
+    assert right >= 46, right
     assert bank.route("invert the colors")[0] is None  # the demo's probe: a general edit, the base's own
 
 
@@ -136,4 +138,20 @@ def test_compounds_split_and_one_spare_letter_is_another_word():
     router.set_tasks({"derain": list(tasks.TASKS["derain"].instructions), "denoise": list(tasks.TASKS["denoise"].instructions)})
     assert router.parts("take the grain out")[0]["derain"] == 0.0
     assert router.parts("take away the raindrops")[0]["derain"] == pytest.approx(router.parts("take away the rain drops")[0]["derain"])
-    assert router.parts("take away the raindrops")[0]["derain"] > router.parts("take away the rainfoo")[0]["derain"] > 0
+    assert router.parts("take away the raindrops")[0]["derain"] > router.parts("take away the fooraining")[0]["derain"] > 0
+
+
+def test_a_word_the_task_word_begins_is_another_word_and_meaning_endings_are_stemmed():
+    """Session 23: "rainbow", "snowman", "lightning" and "lighten" half-matched derain, desnow and lowlight through
+    the task word they begin with ("add a rainbow in the sky" went to derain, score 0.22 over a threshold of 0.22;
+    "lighten the picture", the base's brighter edit, to lowlight). A prefix before the task word still counts half
+    ("derain", "lowlight"), and the endings that keep the meaning are stemmed: "cartoonish", "cartoonist"."""
+    router = Router(lambda texts: torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=1), read_background())
+    router.set_tasks({t: list(tasks.TASKS[t].instructions) for t in ("derain", "lowlight", "cartoonize")}
+                     | {"desnow": ["remove the snow", "take out the snow"]})
+    for text, task in (("add a rainbow in the sky", "derain"), ("build a snowman", "desnow"),
+                       ("add lightning to the sky", "lowlight"), ("lighten it", "lowlight")):
+        assert router.parts(text)[0][task] == 0.0, text
+    assert router.parts("derain")[0]["derain"] > 0 and router.parts("fix the light")[0]["lowlight"] > 0
+    assert stem("cartoonish") == stem("cartoonist") == stem("cartoon")
+    assert max(router.parts("make it cartoonish")[0], key=router.parts("make it cartoonish")[0].get) == "cartoonize"

@@ -8,8 +8,8 @@ Features of a query q against task t (stored instructions S_t):
   its instructions' tf-idf vectors (a word in every phrasing of the task weighs more than one in a single
   phrasing; minus beta x the word's largest share in another task); lex(q, t) is the cosine of the query's vector
   with it, where a query word matches a task word fully when the stems are equal and half when one (>= 4 letters)
-  begins or ends the other with >= 2 letters to spare ("denoise" ~ "noise"; not "grain" ~ "rain"). A compound of
-  two known words (stems of the background and the bank) is split first: "raindrops" -> rain, drops.
+  ends the other after a prefix of >= 2 letters ("denoise" ~ "noise"; not "grain" ~ "rain", "rainbow" ~ "rain").
+  A compound of two known words (stems of the background and the bank) is split first: "raindrops" -> rain, drops.
 - encoder: the best cosine between q's pooled text feature and those of S_t (what routing used alone before).
 score(q, t) = (1 - alpha) * lex + alpha * cosine.
 
@@ -48,8 +48,8 @@ of in on at to from by with without into onto out up down off over under about a
 away back upon within and or but nor so as than then if
 is are was were be been being am do does did have has had
 """.split())
-_SUFFIXES = ("izations", "ization", "izing", "ized", "izes", "ize", "ising", "ised", "ise", "ness", "ing", "ed",
-             "es", "s", "er", "y", "e")
+_SUFFIXES = ("izations", "ization", "izing", "ized", "izes", "ize", "ising", "ised", "ise", "ness", "ish", "ist", "ing",
+             "ed", "es", "s", "er", "y", "e")
 
 
 def read_background() -> list[str]:
@@ -87,13 +87,15 @@ def split_compound(word: str, vocabulary: set[str]) -> list[str]:
 
 
 def _match(a: str, b: str) -> float:
-    """1 for equal stems, 0.5 when one (>= 4 letters) begins or ends the other with >= 2 letters to spare ("rain" in
-    "derain", "noise" in "denoise"); a single spare letter makes another word ("grain", "brain", "train")."""
+    """1 for equal stems, 0.5 when one (>= 4 letters) ends the other after a prefix of >= 2 letters ("rain" in
+    "derain", "noise" in "denoise", "light" in "lowlight"). A single spare letter makes another word ("grain",
+    "brain", "train"), and so does an ending after the word: "rainbow", "snowman", "lightning", "lighten" (until
+    session 23 these half-matched derain, desnow and lowlight; the stemmer strips the endings that keep the meaning:
+    "noisy", "cartoonish", "cartoonist")."""
     if a == b:
         return 1.0
     short, long_ = (a, b) if len(a) <= len(b) else (b, a)
-    affixed = long_.startswith(short) or long_.endswith(short)
-    return 0.5 if len(short) >= 4 and affixed and len(long_) - len(short) >= 2 else 0.0
+    return 0.5 if len(short) >= 4 and long_.endswith(short) and len(long_) - len(short) >= 2 else 0.0
 
 
 class Router:
