@@ -9,6 +9,8 @@ through them. Modes, each timed as the median of --repeats runs of the whole bat
   sequential  one `bank.edit` per image (activate = swap, then a batch-1 pipeline call)
   grouped     one `edit_batch` per adapter (images of one adapter together)
   single      one `edit_batch` of the same size, every image with one adapter (the mixed target's reference)
+Ceiling: the UNet's forward alone, `--batch` calls of 3 rows (one image's guidance branches) against one call of all
+of them: how much any batching can gain on this machine.
 Memory: process RSS (from /proc/self/statm) with 50 adapters resident (tiny) and 8 (sd15), bytes per adapter, and
 RSS over --growth-batches mixed batches (tiny) and --growth-batches // 25 (sd15), first tenth vs the end.
 """
@@ -46,6 +48,22 @@ def load(size: str):
     return load_base("builtin:tiny") if size == "tiny" else sd15_pipeline()
 
 
+def unet_batching_ceiling(pipe, batch: int, resolution: int, repeats: int) -> float:
+    """What batching can save at most: `batch` UNet forwards of one image's three guidance rows over one forward of
+    all 3 x `batch` rows (noise, timestep and text random; the pipeline's other work left out). mixed_vs_sequential
+    cannot exceed it by much: on a CPU whose convolutions gain little from a larger batch, neither can any batching."""
+    unet, side = pipe.unet, resolution // pipe.vae_scale_factor
+
+    def forward(rows: int):
+        x = torch.randn(rows, unet.config.in_channels, side, side, device=unet.device, dtype=unet.dtype)
+        text = torch.randn(rows, 77, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+        t = torch.full((rows,), 500, device=unet.device)
+        return lambda: unet(x, t, encoder_hidden_states=text)
+
+    with torch.no_grad():
+        return median_seconds(forward(3), repeats) * batch / median_seconds(forward(3 * batch), repeats)
+
+
 def timings(size: str, batch: int, repeats: int) -> dict:
     cfg = SETTINGS[size]
     base = load(size)
@@ -73,12 +91,13 @@ def timings(size: str, batch: int, repeats: int) -> dict:
         "single": lambda: bank.edit_batch(images, texts, [tasks4[0]] * batch, seeds, **opts),
     }
     seconds = {name: median_seconds(fn, repeats) for name, fn in modes.items()}
+    ceiling = unet_batching_ceiling(bank.pipe, batch, cfg["resolution"], max(repeats, 5))
     bank.close()
     return {"size": size, "batch": batch, "adapters": 4, **cfg, "seconds": seconds,
             "images_per_s": {k: batch / v for k, v in seconds.items()},
             "mixed_vs_sequential": seconds["sequential"] / seconds["mixed"],
             "mixed_vs_grouped": seconds["grouped"] / seconds["mixed"],
-            "mixed_over_single": seconds["mixed"] / seconds["single"]}
+            "mixed_over_single": seconds["mixed"] / seconds["single"], "unet_batching_ceiling": ceiling}
 
 
 def memory(size: str, batch: int, growth_batches: int) -> dict:
@@ -126,6 +145,9 @@ def main(argv=None) -> int:
               "vs mixed": s["seconds"][m] / s["seconds"]["mixed"]} for s in speed for m in s["seconds"]]
     emit(result, table, ["size", "mode", "images/s", "seconds", "vs mixed"])
     print()
+    for s in speed:
+        print(f"{s['size']}: mixed vs sequential {s['mixed_vs_sequential']:.2f}x; the UNet alone gains "
+              f"{s['unet_batching_ceiling']:.2f}x from one batch of {3 * s['batch']} rows over {s['batch']} of 3 (the ceiling)")
     for m in mem:
         print(f"{m['size']}: {m['resident_adapters']} adapters resident: RSS {m['rss_mb_resident']:.0f} MB (base alone "
               f"{m['rss_mb_base']:.0f} MB, +{m['rss_mb_per_adapter']:.2f} MB per adapter, state {m['state_mb_per_adapter_mean']:.2f} MB); "
