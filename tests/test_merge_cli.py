@@ -131,6 +131,14 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_base_dir, folders, tmp_path, e
     assert not os.path.exists(tmp_path / "m")
 
 
+def test_cli_refuses_an_adapter_folder_given_twice(tiny_base_dir, folders, tmp_path):
+    """Session 23: `merge A ./A/` merged, counting A's rows twice and storing its task twice."""
+    result = CliRunner().invoke(main, ["merge", folders[0], folders[0] + "/", folders[1], "--base", tiny_base_dir,
+                                       "--output", str(tmp_path / "m"), "--quiet"])
+    assert result.exit_code == 2 and f"{folders[0]} is given twice; pass each adapter folder once" in result.output
+    assert not os.path.exists(tmp_path / "m")
+
+
 def test_cli_refuses_a_folder_from_another_base(tiny_base, folders, tmp_path):
     other = random_custom_diffusion(tiny_base, "other", seed=3)
     other.base = {"name_or_path": "elsewhere", "fingerprint": "0123456789abcdef"}
