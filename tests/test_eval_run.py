@@ -346,10 +346,11 @@ def test_bad_input_exits_2_with_one_line(setup, tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
-def test_output_holding_other_images_is_refused(setup, first_run, tmp_path):
+def test_output_holding_other_images_or_being_a_dataset_or_adapter_is_refused(setup, first_run, tmp_path):
     """eval replaces OUTPUT/images whole. `eval --data D --output D` on a dataset keeping its pictures in D/images/
-    deleted them (session 22); now one line, exit 2, nothing touched. An earlier eval's images/ is replaced as before
-    (first_run's folder, rerun here), and --overwrite replaces any."""
+    deleted them (session 22); now one line, exit 2, nothing touched: a dataset, or an adapter folder (session 23),
+    is refused as an output, and so is any images/ holding files eval did not write. An earlier eval's images/ is
+    replaced as before (first_run's folder, rerun here), and --overwrite replaces any."""
     data = tmp_path / "d"
     (data / "images").mkdir(parents=True)
     rows = []
@@ -361,9 +362,20 @@ def test_output_holding_other_images_is_refused(setup, first_run, tmp_path):
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     before = sorted(os.listdir(data / "images"))
     result = run_eval(setup, str(data), ["derain"], "--data", str(data))
-    assert result.exit_code == 2 and "images holds files an earlier eval did not write (in0.png, in1.png, out0.png, ...)" \
+    assert result.exit_code == 2 and f"--output {data} is a dataset (metadata.jsonl); eval would write its report" \
         in result.output and "--overwrite" in result.output and "Traceback" not in result.output, result.output
     assert sorted(os.listdir(data / "images")) == before and not (data / "report.json").exists()
+    project = tmp_path / "project"  # no dataset, but pictures of the user's own in images/
+    shutil.copytree(data / "images", project / "images")
+    result = run_eval(setup, str(project), ["derain"], "--data", str(data))
+    assert result.exit_code == 2 and "images holds files an earlier eval did not write (in0.png, in1.png, out0.png, ...)" \
+        in result.output and "--overwrite" in result.output, result.output
+    assert sorted(os.listdir(project / "images")) == before and not (project / "report.json").exists()
+    adapter = setup["adapters"]["derain"]  # the --adapter pasted as --output: refused, the adapter folder untouched
+    files = sorted(os.listdir(adapter))
+    result = run_eval(setup, adapter, ["derain"])
+    assert result.exit_code == 2 and f"--output {adapter} is an adapter (adapter.json)" in result.output, result.output
+    assert sorted(os.listdir(adapter)) == files
     output = str(tmp_path / "again")
     shutil.copytree(first_run["output"], output)
     assert run_eval(setup, output, ["derain"]).exit_code == 0  # an earlier eval's own images/: replaced

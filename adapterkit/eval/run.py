@@ -337,7 +337,22 @@ def _check_options(task_rows: str, instructions: str, limit: int | None, output:
     if os.path.exists(output) and not os.path.isdir(output):
         raise AdapterkitError(f"output {output} exists and is not a folder; choose a folder path")
     if not overwrite:
+        _check_not_another_kind(output)
         _check_images_folder(os.path.join(output, "images"))
+
+
+# A folder holding one of these is an adapter, a pipeline or a dataset: eval's report would be mixed into it.
+_OTHER_KINDS = {"adapter.json": "an adapter", "model_index.json": "a diffusers pipeline", "metadata.jsonl": "a dataset",
+                "metadata.csv": "a dataset", "dataset_info.json": "a dataset", "dataset_dict.json": "a dataset"}
+
+
+def _check_not_another_kind(output: str) -> None:
+    """Session 23: `--output adapters/derain` (the --adapter pasted once more) wrote report.json, report.html, grids/,
+    images/ and cache/ into the adapter's folder, and a later `train` there refused for the files added beside it."""
+    found = next((name for name in _OTHER_KINDS if os.path.isfile(os.path.join(output, name))), None)
+    if found is not None:
+        raise AdapterkitError(f"--output {output} is {_OTHER_KINDS[found]} ({found}); eval would write its report, "
+                              "grids, images and cache into it: choose another --output, or pass --overwrite")
 
 
 # images/<task folder>/<column>/<row>.png: all an earlier eval leaves in images/ (the column names are safe_name'd)
