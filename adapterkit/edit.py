@@ -65,8 +65,8 @@ def note_scaled_inputs(bank: AdapterBank, named_images: list[tuple[str, object]]
         width, height = fit_for_edit(image, None, side).size
         more = f" (and {len(large) - 1} more inputs that large)" if len(large) > 1 else ""
         log(f"note: {os.path.basename(path)} is {image.width} x {image.height}{more}: edited at {width} x {height} "
-            f"(shorter side {side}, {DEFAULT_SIDE_FACTOR}x the {bank.base.resolution} px the base was trained at) and resized back; "
-            f"--resolution N edits at shorter side N ({min(image.size)}: its own size, slower)")
+            f"(shorter side {side}, {DEFAULT_SIDE_FACTOR}x the {bank.base.resolution} px the base was trained at) and "
+            f"resized back; --resolution N edits at shorter side N ({min(image.size)}: its own size, slower)")
     return bool(large)
 
 

@@ -215,8 +215,9 @@ class AdapterBank:
         tasks[i]: a task name, None for the base, or AUTO to route by instruction; tasks=None routes every image.
         seeds default to 0 each. Options as `run_pipeline` (steps, guidance, image_guidance, resolution,
         output_type), and `stop`: a callable checked between denoising steps; once it returns True the call raises
-        `batch_edit.Stopped` (a server stops a batch whose every request was abandoned). Each output equals `edit(images[i], instructions[i], task=tasks[i], seed=seeds[i], **options)`
-        up to float rounding: attn2 K/V adapters are applied per image (adapters/batch_edit.py)."""
+        `batch_edit.Stopped` (a server stops a batch whose every request was abandoned). Each output equals
+        `edit(images[i], instructions[i], task=tasks[i], seed=seeds[i], **options)` up to float rounding: attn2 K/V
+        adapters are applied per image (adapters/batch_edit.py)."""
         from .batch_edit import edit_batch
 
         with self._lock:
