@@ -96,7 +96,10 @@ def test_missing_column_lists_available_columns(tmp_path):
     with pytest.raises(AdapterkitError) as info:
         load_edit_dataset(folder)
     message = str(info.value)
-    assert "no input column 'input_image'" in message and "available columns: before, after, prompt" in message
+    # every missing column in one line (session 23: one per run before)
+    assert ("has no input column 'input_image' and no target column 'edited_image' and no instruction column "
+            "'edit_prompt'; available columns: before, after, prompt; pass --input-column and --target-column and "
+            "--instruction-column, or --preset") in message
     ds = load_edit_dataset(folder, input_column="before", target_column="after", instruction_column="prompt")
     assert ds[0].instruction == "invert the image"
     with pytest.raises(AdapterkitError, match="no instruction column 'caption'"):

@@ -176,15 +176,19 @@ def _resolve_columns(columns, source, preset, input_column, target_column, instr
     chosen = [input_column or defaults[0], target_column or defaults[1], instruction_column or defaults[2]]
     roles = ("input", "target", "instruction")
     flags = ("--input-column", "--target-column", "--instruction-column")
+    missing = []  # every missing column in one message: one at a time took a run per column (session 23)
     for k, (name, role, flag) in enumerate(zip(chosen, roles, flags)):
         if name in columns:
             continue
         if role == "instruction" and not require_instruction and instruction_column is None:
             chosen[k] = None
             continue
+        missing.append((name, role, flag))
+    if missing:
+        what = " and ".join(f"no {role} column '{name}'" for name, role, _flag in missing)
         raise AdapterkitError(
-            f"dataset {source} has no {role} column '{name}'; available columns: {', '.join(columns)}; "
-            f"pass {flag} or --preset ({', '.join(PRESETS)})"
+            f"dataset {source} has {what}; available columns: {', '.join(columns)}; "
+            f"pass {' and '.join(flag for _n, _r, flag in missing)}, or --preset ({', '.join(PRESETS)})"
         )
     return chosen
 
