@@ -14,6 +14,23 @@ from .lazy import lazy_getattr
 
 quiet_third_party_logs()
 
+
+def __dir__():  # the lazy names too, for tab completion
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _installed_version() -> str:
+    """The installed distribution's version (pyproject.toml), as `adapterkit --version` prints it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adapterkit")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _installed_version()
+
 # public name -> module that defines it
 _LAZY = {
     "Adapter": ".adapters.record",

@@ -170,10 +170,15 @@ def test_import_and_help_load_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, adapterkit, adapterkit.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    code = ("import sys, adapterkit, adapterkit.cli; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in "
+            "sys.modules)); print(adapterkit.__version__, 'AdapterBank' in dir(adapterkit))")
     env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    loaded, version = out.stdout.strip().splitlines()
+    assert loaded == "[]", out.stdout + out.stderr
+    from importlib.metadata import version as installed  # __version__ (session 23) is the installed distribution's
+
+    assert version == f"{installed('adapterkit')} True"
     helped = subprocess.run([sys.executable, "-X", "importtime", "-m", "adapterkit", "--help"], capture_output=True,
                             text=True, env=env, check=True)
     assert "Usage" in helped.stdout and "torch" not in helped.stderr
