@@ -118,7 +118,7 @@ def image_format(path: str, otherwise: str = "") -> str:
 
 
 # The files a folder given as IMAGE stands for: the usual photo formats Pillow reads.
-INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+INPUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif")  # HEIC: pillow-heif
 
 
 def expand_inputs(paths) -> tuple[list[str], bool]:

@@ -30,13 +30,43 @@ def open_image(path: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise AdapterkitError(f"image {path} is too large (over {MAX_IMAGE_PIXELS} pixels); downscale it first") from e
     except (OSError, ValueError, SyntaxError) as e:
+        with open(path, "rb") as f:
+            if is_heif(f.read(16)) and not heif_support():
+                raise AdapterkitError(f"{path} is a HEIC photo (iPhones' default format), which Pillow reads only with the "
+                                      f"pillow-heif plugin: {HEIF_FIX}") from e
         raise AdapterkitError(f"cannot read image {path} ({first_line(e)})") from e
+
+
+# HEIC / HEIF: the ISO box `ftyp` at byte 4 with one of these brands (what phones write).
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+HEIF_FIX = "pip install pillow-heif (or adapterkit[heic]), or export the photo as JPEG"
+_heif: list[bool] = []  # [registered?] once known
+
+
+def is_heif(head: bytes) -> bool:
+    """Do these first bytes start a HEIC / HEIF file?"""
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+def heif_support() -> bool:
+    """Teach Pillow HEIC / HEIF through the pillow-heif plugin when it is installed (once); False when it is not.
+    Session 23: an iPhone photo got "cannot identify image file"."""
+    if not _heif:
+        try:
+            import pillow_heif
+        except ImportError:
+            _heif.append(False)
+        else:
+            pillow_heif.register_heif_opener()
+            _heif.append(True)
+    return _heif[0]
 
 
 def read_rgb(source) -> Image.Image:
     """Open a path or file object as RGB with Pillow's pixel cap set to MAX_IMAGE_PIXELS; PIL's errors propagate.
     An EXIF orientation (a phone's portrait photo is stored sideways with a tag saying so) is applied, as diffusers'
     `load_image` and datasets' Image feature do (session 22: such photos were edited, trained on and served sideways)."""
+    heif_support()
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:

@@ -178,6 +178,32 @@ def test_exif_orientation_is_applied_as_diffusers_load_image_does(tmp_path, orie
     assert np.array_equal(np.asarray(load_edit_dataset(str(tmp_path))[0].input), np.asarray(theirs))
 
 
+def test_heic_photos_read_with_pillow_heif_and_a_fix_named_without_it(tmp_path, monkeypatch):
+    """Session 23: an iPhone photo (HEIC, their default format) got "cannot identify image file". With pillow-heif
+    installed (the [heic] and [test] extras) it reads like any photo, in a dataset too; without it the one-line error
+    names the plugin and the JPEG export."""
+    pillow_heif = pytest.importorskip("pillow_heif")  # in the [test] extra: CI runs this
+    from adapterkit import inference
+    from adapterkit.data import load_edit_dataset
+
+    pillow_heif.register_heif_opener()
+    pixels = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.heic")
+    expected = np.asarray(Image.open(tmp_path / "photo.heic").convert("RGB"))  # HEIC is lossy: compare to its decode
+    assert np.array_equal(np.asarray(open_image(str(tmp_path / "photo.heic"))), expected)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"input_image_file_name": "photo.heic", "edited_image_file_name":
+                                                         "photo.heic", "edit_prompt": "x"}) + "\n")
+    assert np.array_equal(np.asarray(load_edit_dataset(str(tmp_path))[0].input), expected)
+    header = open(tmp_path / "photo.heic", "rb").read(16)
+    (tmp_path / "cut.heic").write_bytes(header + b"\0" * 64)  # a HEIC file Pillow cannot open
+    monkeypatch.setattr(inference, "_heif", [False])  # as without the plugin
+    with pytest.raises(AdapterkitError) as info:
+        open_image(str(tmp_path / "cut.heic"))
+    assert str(info.value) == (f"{tmp_path / 'cut.heic'} is a HEIC photo (iPhones' default format), which Pillow reads only "
+                               "with the pillow-heif plugin: pip install pillow-heif (or adapterkit[heic]), or export the "
+                               "photo as JPEG")
+
+
 def test_broken_and_oversized_images_give_one_line_errors(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     good = _save(Image.new("RGB", (64, 64), "red"), tmp_path / "good.png")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import first_line
-from ..inference import MIN_EDIT_SIDE, read_rgb, resize_for_edit, too_small_to_edit
+from ..inference import HEIF_FIX, MIN_EDIT_SIDE, heif_support, is_heif, read_rgb, resize_for_edit, too_small_to_edit
 
 BASE = "base"  # the adapter name that asks for the base alone
 
@@ -117,6 +117,7 @@ def decode_image(data: bytes, settings, resolution: int | None) -> Image.Image:
     multiple; the answer is resized back, as `adapterkit edit` does); 400 for non-images, bombs and tiny images."""
     if not data:
         raise ServeError(400, "the image is empty; send an image file (PNG, JPEG, WebP)")
+    heif_support()  # before the header probe: HEIC needs Pillow's plugin registered
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
@@ -130,6 +131,9 @@ def decode_image(data: bytes, settings, resolution: int | None) -> Image.Image:
         raise ServeError(400, f"image too large (a decompression bomb?): this server takes at most {settings.max_pixels} "
                               "pixels; downscale it first") from None
     except UnidentifiedImageError:
+        if is_heif(data[:16]) and not heif_support():
+            raise ServeError(400, f"a HEIC photo, which this server reads only with the pillow-heif plugin installed "
+                                  f"({HEIF_FIX}); send a JPEG or PNG") from None
         raise ServeError(400, "not an image: send a PNG, JPEG or WebP file") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ServeError(400, f"cannot read the image ({first_line(e)}); send a complete PNG, JPEG or WebP file") from None
