@@ -55,18 +55,19 @@ def check_edit_size(path: str, image, resolution: int | None) -> None:
                               f"{MIN_EDIT_SIDE}: pass --resolution (the shorter side) to scale it up")
 
 
-def note_scaled_inputs(bank: AdapterBank, named_images: list[tuple[str, object]], resolution: int | None, log) -> bool:
-    """Without --resolution an image over `largest_default_side` (4x the base's training resolution) is edited scaled
-    down to it (`fit_for_edit`): say so once, with the option that edits at another size. True when it did."""
-    side = largest_default_side(bank.base.resolution)
-    large = [(path, image) for path, image in named_images if min(image.size) > side] if resolution is None else []
+def note_scaled_inputs(bank: AdapterBank, scaled: list[tuple[str, object, object]], log) -> bool:
+    """(path, image, what the pipeline gets: `fit_for_edit`) per input: say once that images over
+    `largest_default_side` (4x the base's training resolution) are edited scaled down, with the option that edits at
+    another size. True when any was."""
+    large = [(path, image, work) for path, image, work in scaled if work is not image]
     if large and log is not None:
-        path, image = large[0]
-        width, height = fit_for_edit(image, None, side).size
+        path, image, work = large[0]
+        trained = bank.base.resolution
         more = f" (and {len(large) - 1} more inputs that large)" if len(large) > 1 else ""
-        log(f"note: {os.path.basename(path)} is {image.width} x {image.height}{more}: edited at {width} x {height} "
-            f"(shorter side {side}, {DEFAULT_SIDE_FACTOR}x the {bank.base.resolution} px the base was trained at) and "
-            f"resized back; --resolution N edits at shorter side N ({min(image.size)}: its own size, slower)")
+        log(f"note: {os.path.basename(path)} is {image.width} x {image.height}{more}: edited at {work.width} x "
+            f"{work.height} (shorter side {largest_default_side(trained)}, {DEFAULT_SIDE_FACTOR}x the {trained} px the "
+            f"base was trained at) and resized back; --resolution N edits at shorter side N ({min(image.size)}: its "
+            "own size, slower)")
     return bool(large)
 
 
@@ -219,15 +220,16 @@ def edit(
         check_edit_size(path, img, options.get("resolution"))
     bank = make_bank(base, list(adapters), force=force, device=device, dtype=dtype, log=log)
     options, _ = _sampler_options(bank, options, log)
-    if note_scaled_inputs(bank, list(zip(images, loaded)), options.get("resolution"), log) and not quiet:
+    side = largest_default_side(bank.base.resolution)
+    works = [fit_for_edit(img, options.get("resolution"), side) for img in loaded]
+    if note_scaled_inputs(bank, list(zip(images, loaded, works)), log) and not quiet:
         bank.pipe.set_progress_bar_config(disable=False, leave=False, desc="steps")  # seconds per image: show the steps
     task = bank.tasks[0] if len(bank.tasks) == 1 else (AUTO if bank.tasks else None)
     if task == AUTO:
         refuse_unroutable(bank)
         if log:
             log(describe_route(bank.route_details(instruction)))
-    for img, target in tqdm(list(zip(loaded, targets)), desc="edit", unit="image", disable=quiet):
-        work = fit_for_edit(img, options.get("resolution"), largest_default_side(bank.base.resolution))
+    for img, work, target in tqdm(list(zip(loaded, works, targets)), desc="edit", unit="image", disable=quiet):
         save_image(at_input_size(bank.edit(work, instruction, task=task, **options), img, options.get("resolution")), target)
     return targets
 
@@ -264,7 +266,7 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution:
                   overwrite: bool = False) -> list[dict]:
     """Open each row's image and resolve its task (AUTO: routed); bad rows go to `errors` as 'line N: problem'
     (an output that is an input image, or that an earlier row writes: `_target_clash`)."""
-    prepared, written = [], {}
+    prepared, written, side = [], {}, largest_default_side(bank.base.resolution)
     inputs = {os.path.realpath(_job_image(jobs_dir, row)) for _number, row in rows}
     for number, row in rows:
         image_path = _job_image(jobs_dir, row)
@@ -289,7 +291,7 @@ def _prepare_jobs(bank, rows, jobs_dir: str, output: str, seed: int, resolution:
             continue
         written[os.path.realpath(target)] = number
         prepared.append({"line": number, "row": row, "image": image, "seed": row_seed,
-                         "work": fit_for_edit(image, resolution, largest_default_side(bank.base.resolution)),
+                         "work": fit_for_edit(image, resolution, side),
                          "task": bank.route(row["instruction"])[0] if task == AUTO else task, "target": target})
     return prepared
 
@@ -344,7 +346,7 @@ def edit_jobs(
     seed = int(options.pop("seed", 0))  # each job carries its seed: the row's, else --seed
     prepared = _prepare_jobs(bank, rows, os.path.dirname(os.path.abspath(jobs)), output, seed, options.get("resolution"),
                              result.errors, overwrite)
-    note_scaled_inputs(bank, [(j["row"]["image"], j["image"]) for j in prepared], options.get("resolution"), log)
+    note_scaled_inputs(bank, [(j["row"]["image"], j["image"], j["work"]) for j in prepared], log)
     records, previous = [], None
     with tqdm(total=len(prepared), desc="jobs", unit="job", disable=quiet) as bar:
         for start in range(0, len(prepared), batch_size):

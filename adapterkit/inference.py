@@ -118,8 +118,8 @@ def fit_for_edit(image: Image.Image, resolution: int | None, largest_side: int) 
     pipeline call), or, with no resolution asked for and a shorter side over `largest_side` (`largest_default_side`),
     the image scaled down to that side; the result is resized back to the input's size (`at_input_size`). A 4032 x
     3024 phone photo on builtin:tiny (trained at 64 px) is edited at 336 x 256, 25 s from command to file on 2 CPU
-    cores; at its own size one of the 20 steps had not finished after 150 s (self-attention over 762k latent positions). The Python
-    API (`AdapterBank.edit`) keeps the image's own size, as a diffusers pipeline does."""
+    cores; at its own size one of the 20 steps had not finished after 150 s (self-attention over 762k latent
+    positions). The Python API (`AdapterBank.edit`) keeps the image's own size, as a diffusers pipeline does."""
     if resolution is not None or min(image.size) <= largest_side:
         return image
     return resize_for_edit(image, largest_side)
