@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..adapters.record import Adapter
+from ..adapters.record import METADATA_FILE as ADAPTER_FILE, Adapter
+from ..data.folder import METADATA_FILES
 from ..devices import AUTO as AUTO_DEVICE
 from ..devices import DEFAULT_DTYPE
 from ..devices import record as record_device
@@ -342,8 +343,8 @@ def _check_options(task_rows: str, instructions: str, limit: int | None, output:
 
 
 # A folder holding one of these is an adapter, a pipeline or a dataset: eval's report would be mixed into it.
-_OTHER_KINDS = {"adapter.json": "an adapter", "model_index.json": "a diffusers pipeline", "metadata.jsonl": "a dataset",
-                "metadata.csv": "a dataset", "dataset_info.json": "a dataset", "dataset_dict.json": "a dataset"}
+_OTHER_KINDS = {ADAPTER_FILE: "an adapter", "model_index.json": "a diffusers pipeline",
+                **{name: "a dataset" for name in (*METADATA_FILES, "dataset_info.json", "dataset_dict.json")}}
 
 
 def _check_not_another_kind(output: str) -> None:

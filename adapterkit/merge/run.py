@@ -174,10 +174,13 @@ def _prepare_inputs(adapters: list, base: Base, force: bool, as_lora: bool) -> _
     """Load folders, refuse other bases, and turn every adapter into float64 deltas on K/V and other modules."""
     if not adapters:
         raise AdapterkitError("nothing to merge; pass one or more adapter folders")
-    folders = [os.path.realpath(a) for a in adapters if isinstance(a, (str, os.PathLike))]
-    twice = next((a for a in adapters if isinstance(a, (str, os.PathLike)) and folders.count(os.path.realpath(a)) > 1), None)
-    if twice is not None:  # the merge ran, counting that adapter's rows twice, and stored its task twice
-        raise AdapterkitError(f"{twice} is given twice; pass each adapter folder once")
+    first: dict[str, object] = {}  # real path -> the folder as first given
+    for a in adapters:
+        if isinstance(a, (str, os.PathLike)):
+            real = os.path.realpath(a)
+            if real in first:  # the merge ran, counting that adapter's rows twice, and stored its task twice
+                raise AdapterkitError(f"{first[real]} is given twice; pass each adapter folder once")
+            first[real] = a
     loaded = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
     for adapter in loaded:
         adapter.check_base(base, force=force)
