@@ -7,6 +7,7 @@ CLI reads the defaults from here and `adapterkit --help` must not load torch.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -40,7 +41,6 @@ def open_image(path: str) -> Image.Image:
 # HEIC / HEIF: the ISO box `ftyp` at byte 4 with one of these brands (what phones write).
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 HEIF_FIX = "pip install pillow-heif (or adapterkit[heic]), or export the photo as JPEG"
-_heif: list[bool] = []  # [registered?] once known
 
 
 def is_heif(head: bytes) -> bool:
@@ -48,18 +48,16 @@ def is_heif(head: bytes) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
+@functools.cache
 def heif_support() -> bool:
     """Teach Pillow HEIC / HEIF through the pillow-heif plugin when it is installed (once); False when it is not.
     Session 23: an iPhone photo got "cannot identify image file"."""
-    if not _heif:
-        try:
-            import pillow_heif
-        except ImportError:
-            _heif.append(False)
-        else:
-            pillow_heif.register_heif_opener()
-            _heif.append(True)
-    return _heif[0]
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def read_rgb(source) -> Image.Image:

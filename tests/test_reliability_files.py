@@ -196,7 +196,7 @@ def test_heic_photos_read_with_pillow_heif_and_a_fix_named_without_it(tmp_path, 
     assert np.array_equal(np.asarray(load_edit_dataset(str(tmp_path))[0].input), expected)
     header = open(tmp_path / "photo.heic", "rb").read(16)
     (tmp_path / "cut.heic").write_bytes(header + b"\0" * 64)  # a HEIC file Pillow cannot open
-    monkeypatch.setattr(inference, "_heif", [False])  # as without the plugin
+    monkeypatch.setattr(inference, "heif_support", lambda: False)  # as without the plugin
     with pytest.raises(AdapterkitError) as info:
         open_image(str(tmp_path / "cut.heic"))
     assert str(info.value) == (f"{tmp_path / 'cut.heic'} is a HEIC photo (iPhones' default format), which Pillow reads only "
